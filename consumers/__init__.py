@@ -1,0 +1,1 @@
+"""The Kafka-facing side: the consume loop, producers, offsets, commits."""

@@ -1,0 +1,90 @@
+"""Tracking which input offsets are safe to commit.
+
+Items finish out of order (a small image overtakes a 12 MP one), so the
+committable position of a partition is the lowest offset still in flight, or
+one past the highest offset seen when nothing is. An offset counts as finished
+only once its outputs are acknowledged by the broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kafka import TopicPartition
+
+
+@dataclass
+class _PartitionState:
+    epoch: int
+    in_flight: set[int] = field(default_factory=set)
+    next_offset: int | None = None
+    committed: int | None = None
+
+    def committable(self) -> int | None:
+        position = min(self.in_flight) if self.in_flight else self.next_offset
+        if position is None or position == self.committed:
+            return None
+        return position
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """Identifies one input in flight, tied to the assignment it came from."""
+
+    partition: TopicPartition
+    offset: int
+    epoch: int
+
+
+class OffsetTracker:
+    def __init__(self) -> None:
+        self._partitions: dict[TopicPartition, _PartitionState] = {}
+        self._epoch = 0
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            if tp not in self._partitions:
+                self._epoch += 1
+                self._partitions[tp] = _PartitionState(epoch=self._epoch)
+
+    def revoke(self, partitions: list[TopicPartition]) -> None:
+        """Forget partitions; tickets issued for them become stale."""
+        for tp in partitions:
+            self._partitions.pop(tp, None)
+
+    def start(self, tp: TopicPartition, offset: int) -> Ticket:
+        state = self._partitions.get(tp)
+        if state is None:
+            # poll() only returns records of assigned partitions; treat a miss as an assignment.
+            self.assign([tp])
+            state = self._partitions[tp]
+        state.in_flight.add(offset)
+        state.next_offset = max(offset + 1, state.next_offset or 0)
+        return Ticket(tp, offset, state.epoch)
+
+    def is_current(self, ticket: Ticket) -> bool:
+        state = self._partitions.get(ticket.partition)
+        return state is not None and state.epoch == ticket.epoch and ticket.offset in state.in_flight
+
+    def finish(self, ticket: Ticket) -> bool:
+        """Mark an input's outputs acknowledged; False if its assignment is gone."""
+        if not self.is_current(ticket):
+            return False
+        self._partitions[ticket.partition].in_flight.discard(ticket.offset)
+        return True
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Per partition, the offset to commit (next to read), where it advanced."""
+        positions = {tp: state.committable() for tp, state in self._partitions.items()}
+        return {tp: pos for tp, pos in positions.items() if pos is not None}
+
+    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, offset in offsets.items():
+            if tp in self._partitions:
+                self._partitions[tp].committed = offset
+
+    def in_flight_count(self) -> int:
+        return sum(len(s.in_flight) for s in self._partitions.values())
+
+    def partitions(self) -> list[TopicPartition]:
+        return list(self._partitions)

@@ -1,0 +1,88 @@
+"""Producing the outputs of finished inputs, and confirming the broker has them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from consumers.records import Outcome
+from pipeline import metrics
+from pipeline.config import TopicSettings
+from pipeline.errors import PublishError
+from schemas.embeddings import EmbeddingRecord
+from schemas.labels import LabelRecord, LabelScore, ModelRef, SourceRef, Timings
+
+
+class OutputPublisher:
+    def __init__(self, producer: KafkaProducer, topics: TopicSettings, model: ModelRef, timeout_s: float) -> None:
+        self._producer = producer
+        self._topics = topics
+        self._model = model
+        self._timeout_s = timeout_s
+        self._pending: list[Any] = []
+
+    def publish(self, outcome: Outcome) -> None:
+        """Send the outcome's records; nothing is confirmed until `wait_for_acks`."""
+        if outcome.labels is None:
+            self._report_failure(outcome)
+            return
+        item, request = outcome.item, outcome.item.request
+        assert request is not None
+        key = request.id.encode("utf-8")
+        label = label_record(outcome, self._model)
+        embedding = EmbeddingRecord.from_vector(request.id, self._model, outcome.labels.embedding)
+        self._send(self._topics.labels, key, label.model_dump_json().encode("utf-8"))
+        self._send(self._topics.embeddings, key, embedding.model_dump_json().encode("utf-8"))
+        metrics.REQUESTS_LABELLED.labels(taxonomy=label.taxonomy.name).inc()
+        item.log.info("labelled", taxonomy_version=label.taxonomy.version, timings_ms=label.timings_ms.model_dump(),
+                      top=label.labels[0].label, outcome="labelled")
+
+    def wait_for_acks(self) -> None:
+        """Block until every record sent so far is acknowledged (acks=all), or raise."""
+        pending, self._pending = self._pending, []
+        try:
+            self._producer.flush(timeout=self._timeout_s)
+        except KafkaError as exc:
+            raise PublishError(f"producer flush failed: {exc}", retryable=True) from exc
+        failed = [f for f in pending if not f.is_done or f.failed()]
+        if failed:
+            first = failed[0]
+            reason = first.exception if first.is_done else "not acknowledged in time"
+            raise PublishError(f"{len(failed)} of {len(pending)} output records were not acknowledged: {reason}")
+
+    def _send(self, topic: str, key: bytes, value: bytes) -> None:
+        self._pending.append(self._producer.send(topic, key=key, value=value))
+
+    @staticmethod
+    def _report_failure(outcome: Outcome) -> None:
+        error = outcome.error
+        assert error is not None
+        metrics.REQUESTS_FAILED.labels(code=error.code, stage=error.stage).inc()
+        outcome.item.log.warning("rejected", code=error.code, stage=error.stage, retryable=error.retryable,
+                                 error=error.message, outcome="rejected")
+
+
+def label_record(outcome: Outcome, model: ModelRef) -> LabelRecord:
+    item, labels = outcome.item, outcome.labels
+    assert item.request is not None and labels is not None and item.prepared is not None
+    return LabelRecord(
+        id=item.request.id,
+        metadata=item.request.metadata,
+        model=model,
+        taxonomy=labels.taxonomy,
+        labels=[LabelScore(label=name, score=min(max(score, 0.0), 1.0)) for name, score in labels.labels],
+        source=SourceRef(topic=item.topic, partition=item.partition, offset=item.offset),
+        timings_ms=Timings(
+            fetch=round(item.prepared.fetch_ms, 3),
+            decode=round(item.prepared.decode_ms, 3),
+            infer=round(labels.infer_ms, 3),
+            total=round(outcome.total_ms(), 3),
+        ),
+    )
+
+
+def encode_json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")

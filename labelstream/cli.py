@@ -1,0 +1,71 @@
+"""The `labelstream` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.errors import LabelstreamError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labelstream", description="Streaming zero-shot image labeling.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the worker until SIGTERM/SIGINT")
+    run.add_argument("--config", type=Path, help="YAML config file (environment variables override it)")
+
+    submit = sub.add_parser("submit", help="produce requests for local files or S3 keys/prefixes")
+    submit.add_argument("sources", nargs="+", help="local paths (with --bucket) or s3://bucket/key-or-prefix")
+    submit.add_argument("--bucket", help="upload local files to this bucket first")
+    submit.add_argument("--prefix", default="", help="key prefix for uploaded files")
+    submit.add_argument("--taxonomy", help="taxonomy name to put in each request")
+    submit.add_argument("--config", type=Path)
+
+    classify = sub.add_parser("classify", help="label images offline, without Kafka")
+    classify.add_argument("images", nargs="+", help="local paths or s3://bucket/key")
+    classify.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    classify.add_argument("--taxonomy", type=Path, help="taxonomy file (default: the configured one)")
+    classify.add_argument("--config", type=Path)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on an embedded broker and S3 server")
+    demo.add_argument("--images", type=int, default=12, help="how many sample photos to label")
+
+    sub.add_parser("schema", help="print the JSON Schema of every message type")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except LabelstreamError as exc:
+        print(f"labelstream {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from labelstream.worker_main import run_worker
+
+        return run_worker(args.config)
+    if args.command == "submit":
+        from labelstream.submit import submit
+
+        return submit(args.sources, args.bucket, args.prefix, args.taxonomy, args.config)
+    if args.command == "classify":
+        from labelstream.classify import classify
+
+        return classify(args.images, args.json, args.taxonomy, args.config)
+    if args.command == "demo":
+        from labelstream.demo import run_demo
+
+        return run_demo(args.images)
+    from labelstream.schema_dump import print_schemas
+
+    return print_schemas()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The labeling engine shared by the worker, `labelstream classify` and the API.
+
+Two steps, so callers can run them on different threads: `prepare` (fetch,
+decode, preprocess; I/O and CPU) and `label` (one model call per batch).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.classifier import ZeroShotClassifier, as_numpy
+from pipeline.config import ImageSettings, Settings
+from pipeline.decode import decode_image
+from pipeline.fetch import ImageFetcher
+from pipeline.model import LoadedModel
+from pipeline.registry import ClassifierRegistry
+from schemas.labels import TaxonomyRef
+from schemas.requests import ImageSource
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    pixels: torch.Tensor
+    fetch_ms: float
+    decode_ms: float
+
+
+@dataclass(frozen=True)
+class ImageLabels:
+    embedding: np.ndarray
+    labels: list[tuple[str, float]]
+    taxonomy: TaxonomyRef
+    infer_ms: float
+
+
+class Labeler:
+    def __init__(self, model: LoadedModel, registry: ClassifierRegistry, image_settings: ImageSettings) -> None:
+        self.model = model
+        self.registry = registry
+        self.image_settings = image_settings
+
+    def prepare_bytes(self, data: bytes, fetch_ms: float = 0.0) -> PreparedImage:
+        started = time.perf_counter()
+        image = decode_image(data, self.image_settings)
+        pixels = self.model.preprocess(image)
+        return PreparedImage(pixels=pixels, fetch_ms=fetch_ms, decode_ms=_ms_since(started))
+
+    def prepare(self, source: ImageSource, fetcher: ImageFetcher) -> PreparedImage:
+        started = time.perf_counter()
+        data = fetcher.fetch(source)
+        return self.prepare_bytes(data, fetch_ms=_ms_since(started))
+
+    def classifier_for(self, taxonomy: str | None) -> ZeroShotClassifier:
+        return self.registry.get(taxonomy)
+
+    def label(self, pixels: list[torch.Tensor], classifiers: list[ZeroShotClassifier]) -> list[ImageLabels]:
+        """Encode the batch once, then score each image with its own classifier."""
+        started = time.perf_counter()
+        features = self.model.encode_images(torch.stack(pixels))
+        results = [self._score(f, c) for f, c in zip(features, classifiers, strict=True)]
+        infer_ms = _ms_since(started)
+        return [ImageLabels(r.embedding, r.labels, r.taxonomy, infer_ms) for r in results]
+
+    @staticmethod
+    def _score(features: torch.Tensor, classifier: ZeroShotClassifier) -> ImageLabels:
+        probabilities = classifier.probabilities(features.unsqueeze(0))
+        taxonomy = TaxonomyRef(name=classifier.taxonomy.name, version=classifier.version)
+        return ImageLabels(as_numpy(features), classifier.top_labels(probabilities)[0], taxonomy, 0.0)
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def build_labeler(settings: Settings, model: LoadedModel | None = None) -> Labeler:
+    """Load the model (unless given) and build the configured taxonomy's classifier."""
+    from pipeline import metrics
+    from pipeline.classifier import build_classifier
+    from pipeline.model import load_model
+    from pipeline.taxonomy import resolve_taxonomy
+
+    model = model or load_model(settings.model)
+    metrics.MODEL_LOAD_SECONDS.set(model.load_seconds)
+    classifier = build_classifier(model, resolve_taxonomy(settings.taxonomy.path))
+    metrics.CLASSIFIER_BUILD_SECONDS.labels(taxonomy=classifier.taxonomy.name).set(classifier.build_seconds)
+    return Labeler(model, ClassifierRegistry([classifier]), settings.image)

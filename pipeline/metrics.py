@@ -1,0 +1,23 @@
+"""Prometheus metrics. Defined once here so every stage counts the same way."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS_CONSUMED = Counter("labelstream_requests_consumed_total", "Records read from the requests topic")
+REQUESTS_LABELLED = Counter("labelstream_requests_labelled_total", "Requests that produced a label record", ["taxonomy"])
+REQUESTS_FAILED = Counter(
+    "labelstream_requests_failed_total", "Requests that ended without a label, by error code", ["code", "stage"]
+)
+BATCH_SIZE = Histogram("labelstream_batch_size", "Images per model call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+STAGE_SECONDS = Histogram(
+    "labelstream_stage_seconds",
+    "Time spent per item in each stage",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+IN_FLIGHT = Gauge("labelstream_in_flight", "Inputs read but not yet committed")
+MODEL_LOAD_SECONDS = Gauge("labelstream_model_load_seconds", "Time to load the model")
+CLASSIFIER_BUILD_SECONDS = Gauge(
+    "labelstream_classifier_build_seconds", "Time to build a taxonomy's text classifier", ["taxonomy"]
+)

@@ -1,0 +1,194 @@
+"""Taxonomies: what the user wants images labelled with, in plain words.
+
+A taxonomy file is YAML (or JSON):
+
+    name: everyday
+    templates: ["a photo of a {}.", "a blurry photo of a {}."]
+    top_k: 3
+    classes:
+      - name: dog
+        prompts: [dog, puppy]      # optional; defaults to [name]
+      - cat                        # shorthand for {name: cat}
+
+Every prompt is expanded with every template, exactly as open_clip's
+`build_zero_shot_classifier` expands class names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import TaxonomyError
+
+BUILTIN_IMAGENET = "imagenet1k"
+_DATA_DIR = Path(__file__).parent / "data"
+
+
+class TaxonomyClass(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    prompts: tuple[str, ...] = ()
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_not_blank(cls, prompts: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not p.strip() for p in prompts):
+            raise ValueError("prompts must not be blank")
+        return prompts
+
+    def expanded_prompts(self) -> tuple[str, ...]:
+        return self.prompts or (self.name,)
+
+
+class Taxonomy(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    templates: tuple[str, ...] = Field(min_length=1)
+    classes: tuple[TaxonomyClass, ...] = Field(min_length=2)
+    top_k: int = Field(5, ge=1)
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("templates")
+    @classmethod
+    def _one_placeholder(cls, templates: tuple[str, ...]) -> tuple[str, ...]:
+        for template in templates:
+            if template.count("{}") != 1:
+                raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
+        return templates
+
+    @model_validator(mode="after")
+    def _unique_class_names(self) -> Taxonomy:
+        seen: set[str] = set()
+        for item in self.classes:
+            if item.name in seen:
+                raise ValueError(f"class name {item.name!r} appears more than once")
+            seen.add(item.name)
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def effective_top_k(self) -> int:
+        return min(self.top_k, len(self.classes))
+
+    def prompt_count(self) -> int:
+        return sum(len(c.expanded_prompts()) for c in self.classes) * len(self.templates)
+
+    def version(self, model_identity: str) -> str:
+        """Content hash of the normalised taxonomy and the model it is scored with.
+
+        Normalising through the model (sorted keys, shorthand expanded) means
+        cosmetic YAML edits such as comments or key order keep the version.
+        """
+        canonical = json.dumps(
+            {"taxonomy": self.model_dump(mode="json"), "model": model_identity},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def fill_template(template: str, prompt: str) -> str:
+    # str.replace, not str.format, so braces inside a prompt are harmless.
+    return template.replace("{}", prompt, 1)
+
+
+def load_taxonomy(path: Path) -> Taxonomy:
+    """Load and validate a taxonomy file; errors name the file, field and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaxonomyError(f"taxonomy file {path}: cannot read: {exc}") from exc
+    return parse_taxonomy(text, source=str(path))
+
+
+def parse_taxonomy(text: str, source: str = "<taxonomy>") -> Taxonomy:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TaxonomyError(f"taxonomy file {source}: not valid YAML: {exc}") from exc
+    if not isinstance(document, dict):
+        raise TaxonomyError(f"taxonomy file {source}: top level must be a mapping with name, templates, classes")
+    try:
+        return Taxonomy.model_validate(document)
+    except ValidationError as exc:
+        raise TaxonomyError(f"taxonomy file {source}: {_describe(exc, node)}") from exc
+
+
+def _describe(exc: ValidationError, node: yaml.Node | None) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc) or "<root>"
+        line = _line_of(node, loc)
+        where = f" (line {line})" if line else ""
+        problems.append(f"field '{field}'{where}: {err['msg']}")
+    return "; ".join(problems)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """Walk the YAML node tree along a pydantic error location to find a line."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            break
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def imagenet_taxonomy() -> Taxonomy:
+    """ImageNet-1k with open_clip's class names and 80 OpenAI templates."""
+    import open_clip
+
+    templates = tuple(t("{}") if callable(t) else t for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
+    classes = tuple(_unique_classes(open_clip.IMAGENET_CLASSNAMES))
+    return Taxonomy(name=BUILTIN_IMAGENET, templates=templates, classes=classes, top_k=5)
+
+
+def _unique_classes(names: list[str]) -> list[TaxonomyClass]:
+    """open_clip's ImageNet names repeat 'missile' and 'sunglasses'.
+
+    Labels must be unique, so a repeat gets its class index as a suffix while
+    its prompt stays the original name, which keeps the text features, and so
+    the scores, identical to open_clip's.
+    """
+    seen: set[str] = set()
+    classes = []
+    for index, name in enumerate(names):
+        label = name if name not in seen else f"{name} ({index})"
+        seen.add(name)
+        classes.append(TaxonomyClass(name=label, prompts=(name,)))
+    return classes
+
+
+def everyday_taxonomy_path() -> Path:
+    """The small ~20-class taxonomy the demo uses, shipped with the package."""
+    return _DATA_DIR / "everyday.yaml"
+
+
+def resolve_taxonomy(path: Path | None) -> Taxonomy:
+    return imagenet_taxonomy() if path is None else load_taxonomy(path)

@@ -1,0 +1,25 @@
+"""Every message on every labelstream topic, as pydantic v2 models."""
+
+from schemas.embeddings import EmbeddingRecord
+from schemas.labels import LabelRecord, LabelScore, ModelRef, SourceRef, TaxonomyRef, Timings
+from schemas.requests import ImageSource, Request, S3Source
+
+MESSAGE_TYPES = {
+    "request": Request,
+    "label_record": LabelRecord,
+    "embedding_record": EmbeddingRecord,
+}
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "EmbeddingRecord",
+    "ImageSource",
+    "LabelRecord",
+    "LabelScore",
+    "ModelRef",
+    "Request",
+    "S3Source",
+    "SourceRef",
+    "TaxonomyRef",
+    "Timings",
+]
