@@ -1,39 +1,103 @@
 """The one place where input offsets are committed.
 
-Order, always: (1) produce every output of the finished inputs, (2) wait for
-the broker to acknowledge all of them (acks=all), (3) mark those inputs
-finished, (4) commit, per partition, the lowest offset still unfinished (that
-is, `offset + 1` of the last contiguous finished input). If (2) fails nothing
-is committed, so the inputs are read again after a restart: at-least-once.
+At-least-once, always in this order:
+  1. produce every output of the finished inputs (labels, embeddings, dead letters);
+  2. wait until the broker acknowledges all of them (acks=all);
+  3. mark those inputs finished;
+  4. commit, per partition, the lowest offset still unfinished, which is
+     `offset + 1` of the last contiguous finished input.
+If 2 fails nothing is committed and the caller publishes again later; if the
+worker dies first, the inputs are read again after a restart.
+
+Exactly-once does the same inside one transaction: begin, produce, hand the
+offsets of step 4 to the transaction (`send_offsets_to_transaction` with the
+consumer's group metadata), commit the transaction. The outputs and the input
+offsets become visible to `read_committed` readers together, or not at all.
 """
 
 from __future__ import annotations
 
-from kafka import KafkaConsumer
+import structlog
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from consumers.offsets import OffsetTracker
 from consumers.publisher import OutputPublisher
 from consumers.records import Outcome
+from pipeline.errors import PublishError
+
+log = structlog.get_logger("labelstream.checkpoint")
 
 
 class Checkpoint:
-    def __init__(self, consumer: KafkaConsumer, publisher: OutputPublisher, tracker: OffsetTracker) -> None:
+    def __init__(
+        self, consumer: KafkaConsumer, publisher: OutputPublisher, tracker: OffsetTracker, exactly_once: bool
+    ) -> None:
         self._consumer = consumer
         self._publisher = publisher
         self._tracker = tracker
+        self._exactly_once = exactly_once
 
     def commit(self, outcomes: list[Outcome]) -> int:
-        """Publish, confirm, commit. Returns how many outcomes were published."""
-        current = [o for o in outcomes if self._tracker.is_current(o.item.ticket)]
+        """Publish, confirm, commit. Returns how many outcomes were published.
+
+        Raises PublishError if the outputs were not confirmed; nothing is then
+        committed and the same outcomes may be passed again.
+        """
         # Outcomes of revoked partitions are dropped: the new owner reprocesses them.
-        for outcome in current:
+        current = [o for o in outcomes if self._tracker.is_current(o.item.ticket)]
+        if self._exactly_once:
+            self._commit_transaction(current)
+        else:
+            self._commit_after_acks(current)
+        return len(current)
+
+    def _commit_after_acks(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
             self._publisher.publish(outcome)
         self._publisher.wait_for_acks()
-        for outcome in current:
+        for outcome in outcomes:
             self._tracker.finish(outcome.item.ticket)
         offsets = self._tracker.committable()
         if offsets:
+            self._commit_offsets(offsets)
+
+    def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+        try:
             self._consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
-            self._tracker.mark_committed(offsets)
-        return len(current)
+        except CommitFailedError as exc:
+            # The group rebalanced under us: the outputs are out, the new owner
+            # will reprocess from its last commit. Duplicates, never loss.
+            log.warning("commit_failed_rebalance", error=str(exc))
+            return
+        self._tracker.mark_committed(offsets)
+
+    def _commit_transaction(self, outcomes: list[Outcome]) -> None:
+        tickets = [o.item.ticket for o in outcomes]
+        offsets = self._tracker.committable_if_finished(tickets)
+        if not outcomes and not offsets:
+            return
+        producer = self._publisher.producer
+        try:
+            producer.begin_transaction()
+            for outcome in outcomes:
+                self._publisher.publish(outcome)
+            if offsets:
+                committed = {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
+                producer.send_offsets_to_transaction(committed, self._consumer.group_metadata())
+            producer.commit_transaction()
+        except KafkaError as exc:
+            self._abort(producer)
+            raise PublishError(f"transaction failed: {exc}", retryable=True) from exc
+        self._publisher.discard_pending()
+        for ticket in tickets:
+            self._tracker.finish(ticket)
+        self._tracker.mark_committed(offsets)
+
+    def _abort(self, producer) -> None:  # type: ignore[no-untyped-def]
+        self._publisher.discard_pending()
+        try:
+            producer.abort_transaction()
+        except KafkaError as exc:
+            log.warning("abort_transaction_failed", error=str(exc))

@@ -5,8 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
 from pipeline.config import KafkaSettings
+
+_ASSIGNORS = {
+    "cooperative-sticky": CooperativeStickyAssignor,
+    "range": RangePartitionAssignor,
+    "roundrobin": RoundRobinPartitionAssignor,
+}
 
 
 def security_options(settings: KafkaSettings) -> dict[str, Any]:
@@ -21,7 +30,7 @@ def security_options(settings: KafkaSettings) -> dict[str, Any]:
     return options
 
 
-def build_consumer(settings: KafkaSettings) -> KafkaConsumer:
+def build_consumer(settings: KafkaSettings, read_committed: bool = False) -> KafkaConsumer:
     return KafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers.split(","),
         group_id=settings.group_id,
@@ -33,7 +42,17 @@ def build_consumer(settings: KafkaSettings) -> KafkaConsumer:
         max_poll_interval_ms=settings.max_poll_interval_ms,
         max_poll_records=settings.max_poll_records,
         request_timeout_ms=settings.request_timeout_ms,
+        partition_assignment_strategy=(_ASSIGNORS[settings.assignor],),
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
         **security_options(settings),
+    )
+
+
+def build_transactional_producer(settings: KafkaSettings, transactional_id: str) -> KafkaProducer:
+    return build_producer(
+        settings,
+        transactional_id=transactional_id,
+        transaction_timeout_ms=settings.transaction_timeout_ms,
     )
 
 

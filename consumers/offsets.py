@@ -78,6 +78,27 @@ class OffsetTracker:
         positions = {tp: state.committable() for tp, state in self._partitions.items()}
         return {tp: pos for tp, pos in positions.items() if pos is not None}
 
+    def committable_if_finished(self, tickets: list[Ticket]) -> dict[TopicPartition, int]:
+        """What `committable` would return after finishing `tickets`, without changing state.
+
+        Exactly-once needs the offsets before the transaction commits, and must
+        leave the tickets unfinished if it aborts.
+        """
+        finishing: dict[TopicPartition, set[int]] = {}
+        for ticket in tickets:
+            if self.is_current(ticket):
+                finishing.setdefault(ticket.partition, set()).add(ticket.offset)
+        result = {}
+        for tp, state in self._partitions.items():
+            remaining = state.in_flight - finishing.get(tp, set())
+            position = min(remaining) if remaining else state.next_offset
+            if position is not None and position != state.committed:
+                result[tp] = position
+        return result
+
+    def in_flight_for(self, partitions: list[TopicPartition]) -> int:
+        return sum(len(self._partitions[tp].in_flight) for tp in partitions if tp in self._partitions)
+
     def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
         for tp, offset in offsets.items():
             if tp in self._partitions:

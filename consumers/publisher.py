@@ -12,22 +12,30 @@ from consumers.records import Outcome
 from pipeline import metrics
 from pipeline.config import TopicSettings
 from pipeline.errors import PublishError
+from schemas.deadletter import DeadLetterHeaders
 from schemas.embeddings import EmbeddingRecord
 from schemas.labels import LabelRecord, LabelScore, ModelRef, SourceRef, Timings
 
 
 class OutputPublisher:
-    def __init__(self, producer: KafkaProducer, topics: TopicSettings, model: ModelRef, timeout_s: float) -> None:
+    def __init__(
+        self, producer: KafkaProducer, topics: TopicSettings, model: ModelRef, timeout_s: float, group_id: str
+    ) -> None:
         self._producer = producer
         self._topics = topics
         self._model = model
         self._timeout_s = timeout_s
+        self._group_id = group_id
         self._pending: list[Any] = []
+
+    @property
+    def producer(self) -> KafkaProducer:
+        return self._producer
 
     def publish(self, outcome: Outcome) -> None:
         """Send the outcome's records; nothing is confirmed until `wait_for_acks`."""
         if outcome.labels is None:
-            self._report_failure(outcome)
+            self._dead_letter(outcome)
             return
         item, request = outcome.item, outcome.item.request
         assert request is not None
@@ -53,16 +61,40 @@ class OutputPublisher:
             reason = first.exception if first.is_done else "not acknowledged in time"
             raise PublishError(f"{len(failed)} of {len(pending)} output records were not acknowledged: {reason}")
 
-    def _send(self, topic: str, key: bytes, value: bytes) -> None:
-        self._pending.append(self._producer.send(topic, key=key, value=value))
+    def discard_pending(self) -> None:
+        """Forget sent-but-unconfirmed records (their transaction was aborted)."""
+        self._pending = []
 
-    @staticmethod
-    def _report_failure(outcome: Outcome) -> None:
-        error = outcome.error
+    def _send(self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None = None) -> None:
+        self._pending.append(self._producer.send(topic, key=key, value=value, headers=headers or []))
+
+    def _dead_letter(self, outcome: Outcome) -> None:
+        """The original key, value and headers, plus headers saying where from and why."""
+        item, error = outcome.item, outcome.error
         assert error is not None
+        headers = dead_letter_headers(outcome, self._group_id)
+        self._send(self._topics.dlq, item.key, item.value, [*item.headers, *headers.to_kafka_headers()])
         metrics.REQUESTS_FAILED.labels(code=error.code, stage=error.stage).inc()
-        outcome.item.log.warning("rejected", code=error.code, stage=error.stage, retryable=error.retryable,
-                                 error=error.message, outcome="rejected")
+        item.log.warning("dead_lettered", code=error.code, stage=error.stage, retryable=error.retryable,
+                         attempts=outcome.attempts, error=error.message, outcome="dead_lettered")
+
+
+def dead_letter_headers(outcome: Outcome, group_id: str) -> DeadLetterHeaders:
+    item, error = outcome.item, outcome.error
+    assert error is not None
+    return DeadLetterHeaders(
+        original_topic=item.topic,
+        original_partition=item.partition,
+        original_offset=item.offset,
+        original_timestamp=item.timestamp_ms,
+        consumer_group=group_id,
+        stage=error.stage,
+        error_code=error.code,
+        error_message=error.message[:2000],
+        retryable=error.retryable,
+        attempts=outcome.attempts,
+        request_id=item.request_id,
+    )
 
 
 def label_record(outcome: Outcome, model: ModelRef) -> LabelRecord:
@@ -73,7 +105,9 @@ def label_record(outcome: Outcome, model: ModelRef) -> LabelRecord:
         metadata=item.request.metadata,
         model=model,
         taxonomy=labels.taxonomy,
-        labels=[LabelScore(label=name, score=min(max(score, 0.0), 1.0)) for name, score in labels.labels],
+        labels=_scores(labels.labels),
+        mode="single_label" if labels.selected is None else "multi_label",
+        selected=None if labels.selected is None else _scores(labels.selected),
         source=SourceRef(topic=item.topic, partition=item.partition, offset=item.offset),
         timings_ms=Timings(
             fetch=round(item.prepared.fetch_ms, 3),
@@ -82,6 +116,11 @@ def label_record(outcome: Outcome, model: ModelRef) -> LabelRecord:
             total=round(outcome.total_ms(), 3),
         ),
     )
+
+
+def _scores(pairs: list[tuple[str, float]]) -> list[LabelScore]:
+    # Float rounding can put a softmax a hair outside [0, 1].
+    return [LabelScore(label=name, score=min(max(score, 0.0), 1.0)) for name, score in pairs]
 
 
 def encode_json(value: dict[str, Any]) -> bytes:

@@ -22,6 +22,7 @@ class WorkItem:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int | None
+    headers: list[tuple[str, bytes]]
     log: Any
     received: float = field(default_factory=time.perf_counter)
     request: Request | None = None
@@ -40,6 +41,7 @@ class Outcome:
     item: WorkItem
     labels: ImageLabels | None = None
     error: LabelstreamError | None = None
+    attempts: int = 1
 
     def total_ms(self) -> float:
         return (time.perf_counter() - self.item.received) * 1000.0

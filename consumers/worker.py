@@ -1,9 +1,10 @@
 """The consume loop.
 
 Threads: the main thread polls Kafka, validates requests, publishes and
-commits; a pool fetches, decodes and preprocesses; one inference thread runs
-the model on micro-batches. The main thread never waits on S3 or the model,
-so a slow batch cannot push the consumer past `max_poll_interval_ms`.
+commits; a pool fetches, decodes and preprocesses (retrying transient
+failures); one inference thread runs the model on micro-batches. The main
+thread never waits on S3 or the model, so a slow batch cannot push the
+consumer past `max_poll_interval_ms`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from consumers.checkpoint import Checkpoint
+from consumers.circuit_breaker import DeadLetterGate
 from consumers.intake import parse_request
 from consumers.offsets import OffsetTracker
 from consumers.publisher import OutputPublisher
@@ -25,9 +27,10 @@ from consumers.records import Outcome, WorkItem
 from pipeline import metrics
 from pipeline.batcher import MicroBatcher
 from pipeline.config import Settings
-from pipeline.errors import InferenceError, LabelstreamError
+from pipeline.errors import InferenceError, LabelstreamError, PublishError
 from pipeline.fetch import ImageFetcher
 from pipeline.labeler import Labeler
+from pipeline.retry import RetryOutcome, backoff_seconds, call_with_retries
 
 log = structlog.get_logger("labelstream.worker")
 
@@ -41,6 +44,9 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self._worker.on_assigned(list(assigned))
+
+    def on_partitions_lost(self, lost: list[TopicPartition]) -> None:
+        self._worker.on_lost(list(lost))
 
 
 class Worker:
@@ -57,57 +63,64 @@ class Worker:
         self.fetcher = fetcher
         self.consumer = consumer
         self.tracker = OffsetTracker()
-        self.checkpoint = Checkpoint(consumer, publisher, self.tracker)
+        self.checkpoint = Checkpoint(consumer, publisher, self.tracker, settings.delivery == "exactly_once")
+        self.gate = DeadLetterGate(settings.dead_letter)
         self._ready: queue.Queue[WorkItem] = queue.Queue()
         self._done: queue.Queue[Outcome] = queue.Queue()
         self._batcher = MicroBatcher(self._ready, settings.batch.max_size, settings.batch.max_wait_ms)
         self._pool = ThreadPoolExecutor(settings.fetch.threads, thread_name_prefix="prepare")
         self._stop = threading.Event()
-        self._inference_stop = threading.Event()
+        self._halt = threading.Event()
         self._paused = False
         self._last_commit = 0.0
+        self._unpublished: list[Outcome] = []
+        self._publish_failing_since: float | None = None
+        self._publish_attempts = 0
+        self._next_publish_at = 0.0
 
     # -- lifecycle -----------------------------------------------------------
 
     def request_stop(self) -> None:
         self._stop.set()
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Consume until stopped. True if everything in flight was committed."""
         self.consumer.subscribe([self.settings.topics.requests], listener=_Rebalance(self))
         inference = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
         inference.start()
-        log.info("worker_started", topic=self.settings.topics.requests, group=self.settings.kafka.group_id)
+        log.info("worker_started", topic=self.settings.topics.requests, group=self.settings.kafka.group_id,
+                 delivery=self.settings.delivery)
         try:
             while not self._stop.is_set():
                 self._poll_once()
                 self._checkpoint_if_due()
-            self._drain(self.settings.worker.drain_timeout_s)
+            return self._drain(self.settings.worker.drain_timeout_s)
         finally:
-            self._inference_stop.set()
+            self._halt.set()
             inference.join(timeout=5)
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _drain(self, timeout_s: float) -> None:
-        """Finish what is in flight, commit it, and stop; give up after the timeout."""
+    def _drain(self, timeout_s: float) -> bool:
+        """Finish what is in flight and commit it; abandon the rest after the timeout."""
         log.info("draining", in_flight=self.tracker.in_flight_count(), timeout_s=timeout_s)
         self._pause_all()
         deadline = time.monotonic() + timeout_s
         while self.tracker.in_flight_count() and time.monotonic() < deadline:
             self.consumer.poll(timeout_ms=50, max_records=1)
-            self._checkpoint(force=True)
-        self._checkpoint(force=True)
-        left = self.tracker.in_flight_count()
-        log.info("drained", abandoned=left)
+            self._checkpoint(force=True, release_held=True)
+        self._checkpoint(force=True, release_held=True)
+        abandoned = self.tracker.in_flight_count()
+        log.info("drained", abandoned=abandoned)
+        return abandoned == 0
 
     # -- the poll thread ----------------------------------------------------
 
     def _poll_once(self) -> None:
         capacity = self.settings.worker.max_in_flight - self.tracker.in_flight_count()
         self._apply_backpressure(capacity)
-        if capacity <= 0:
-            self.consumer.poll(timeout_ms=self.settings.worker.poll_timeout_ms, max_records=1)
-            return
-        batches = self.consumer.poll(timeout_ms=self.settings.worker.poll_timeout_ms, max_records=capacity)
+        timeout_ms = self.settings.worker.poll_timeout_ms
+        # max_records bounds what one poll admits, so in-flight work never exceeds the limit.
+        batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max(capacity, 1))
         for records in batches.values():
             for record in records:
                 self._admit(record)
@@ -115,8 +128,7 @@ class Worker:
 
     def _admit(self, record: ConsumerRecord) -> None:
         metrics.REQUESTS_CONSUMED.inc()
-        tp = TopicPartition(record.topic, record.partition)
-        ticket = self.tracker.start(tp, record.offset)
+        ticket = self.tracker.start(TopicPartition(record.topic, record.partition), record.offset)
         item = WorkItem(
             ticket=ticket,
             topic=record.topic,
@@ -125,6 +137,7 @@ class Worker:
             key=record.key,
             value=record.value,
             timestamp_ms=record.timestamp,
+            headers=list(record.headers or []),
             log=log.bind(topic=record.topic, partition=record.partition, offset=record.offset),
         )
         try:
@@ -148,17 +161,41 @@ class Worker:
         self.consumer.pause(*self.consumer.assignment())
         self._paused = True
 
+    # -- publishing and committing --------------------------------------------
+
     def _checkpoint_if_due(self) -> None:
         interval = self.settings.worker.commit_interval_ms / 1000.0
         if time.monotonic() - self._last_commit >= interval:
             self._checkpoint(force=False)
 
-    def _checkpoint(self, force: bool) -> None:
-        outcomes = self._take_done()
-        if outcomes or force:
-            self.checkpoint.commit(outcomes)
+    def _checkpoint(self, force: bool, release_held: bool = False) -> None:
+        """Hand finished outcomes to the Checkpoint; keep them for later if the broker is unreachable."""
         self._last_commit = time.monotonic()
+        self._unpublished.extend(self.gate.admit(self._take_done()))
+        if release_held:
+            self._unpublished.extend(self.gate.release_all())
+        if not (self._unpublished or force) or time.monotonic() < self._next_publish_at:
+            return
+        outcomes, self._unpublished = self._unpublished, []
+        try:
+            self.checkpoint.commit(outcomes)
+        except PublishError as exc:
+            self._unpublished = outcomes + self._unpublished
+            self._publish_failed(exc)
+            return
+        self._publish_failing_since, self._publish_attempts = None, 0
         metrics.IN_FLIGHT.set(self.tracker.in_flight_count())
+
+    def _publish_failed(self, exc: PublishError) -> None:
+        now = time.monotonic()
+        self._publish_failing_since = self._publish_failing_since or now
+        self._publish_attempts += 1
+        if now - self._publish_failing_since > self.settings.retry.publish_budget_s:
+            raise PublishError(f"outputs could not be published for {self.settings.retry.publish_budget_s:.0f}s: {exc}")
+        delay = backoff_seconds(self._publish_attempts, self.settings.retry)
+        self._next_publish_at = now + delay
+        log.warning("publish_retry", error=str(exc), attempt=self._publish_attempts, backoff_s=round(delay, 3),
+                    waiting=len(self._unpublished))
 
     def _take_done(self) -> list[Outcome]:
         outcomes = []
@@ -171,26 +208,45 @@ class Worker:
     # -- rebalance callbacks (run inside poll, on the poll thread) ------------
 
     def on_revoked(self, revoked: list[TopicPartition]) -> None:
-        # Commit whatever is finished before the partitions move; in-flight
-        # work for them is abandoned and its outputs never produced.
-        self._checkpoint(force=True)
+        """Let the revoked partitions' work finish for a bounded time, commit, then let go.
+
+        What has not finished by then is abandoned: its outputs are never
+        produced, and the new owner reads it again from the committed offset.
+        """
+        deadline = time.monotonic() + self.settings.worker.revoke_timeout_s
+        while self.tracker.in_flight_for(revoked) and time.monotonic() < deadline:
+            self._checkpoint(force=False, release_held=True)
+            time.sleep(0.02)
+        self._checkpoint(force=True, release_held=True)
         self.tracker.revoke(revoked)
-        log.info("partitions_revoked", partitions=[f"{tp.topic}:{tp.partition}" for tp in revoked])
+        log.info("partitions_revoked", partitions=_names(revoked))
+
+    def on_lost(self, lost: list[TopicPartition]) -> None:
+        # We were evicted: another member may already own these, so commit nothing for them.
+        self.tracker.revoke(lost)
+        log.warning("partitions_lost", partitions=_names(lost))
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
         self.tracker.assign(assigned)
         if self._paused:
             self.consumer.pause(*assigned)
-        log.info("partitions_assigned", partitions=[f"{tp.topic}:{tp.partition}" for tp in assigned])
+        log.info("partitions_assigned", partitions=_names(assigned))
 
     # -- the prepare pool ----------------------------------------------------
 
     def _prepare(self, item: WorkItem) -> None:
         assert item.request is not None
+        request = item.request
         try:
-            item.prepared = self.labeler.prepare(item.request.image, self.fetcher)
-        except LabelstreamError as exc:
-            self._done.put(Outcome(item, error=exc))
+            item.prepared, _ = call_with_retries(
+                lambda: self.labeler.prepare(request.image, self.fetcher),
+                self.settings.retry,
+                cancelled=self._halt,
+                on_retry=lambda exc, attempt, delay: item.log.info(
+                    "retrying", code=exc.code, attempt=attempt, backoff_s=round(delay, 3)),
+            )
+        except RetryOutcome as stopped:
+            self._done.put(Outcome(item, error=stopped.error, attempts=stopped.attempts))
             return
         except Exception as exc:  # noqa: BLE001 - nothing may vanish silently
             self._done.put(Outcome(item, error=_unexpected(exc, "decode")))
@@ -200,8 +256,8 @@ class Worker:
     # -- the inference thread ------------------------------------------------
 
     def _inference_loop(self) -> None:
-        while not self._inference_stop.is_set():
-            batch = self._batcher.next_batch(self._inference_stop)
+        while not self._halt.is_set():
+            batch = self._batcher.next_batch(self._halt)
             if batch:
                 metrics.BATCH_SIZE.observe(len(batch))
                 for outcome in self._label_batch(batch):
@@ -220,6 +276,10 @@ class Worker:
         except Exception as exc:  # noqa: BLE001
             return [Outcome(item, error=_unexpected(exc, "infer")) for item in batch]
         return [Outcome(item, labels=result) for item, result in zip(batch, labels, strict=True)]
+
+
+def _names(partitions: list[TopicPartition]) -> list[str]:
+    return [f"{tp.topic}:{tp.partition}" for tp in partitions]
 
 
 def _unexpected(exc: Exception, stage: str) -> LabelstreamError:

@@ -33,7 +33,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=int, default=12, help="how many sample photos to label")
 
     sub.add_parser("schema", help="print the JSON Schema of every message type")
+    _add_taxonomy_commands(sub)
     return parser
+
+
+def _add_taxonomy_commands(sub: argparse._SubParsersAction) -> None:
+    taxonomy = sub.add_parser("taxonomy", help="validate, inspect and publish taxonomies")
+    actions = taxonomy.add_subparsers(dest="taxonomy_command", required=True)
+    validate = actions.add_parser("validate", help="check taxonomy files; errors name file, field and line")
+    validate.add_argument("files", nargs="+", type=Path)
+    show = actions.add_parser("show", help="classes, prompt count, version and cache state of a configured taxonomy")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+    show.add_argument("--config", type=Path)
+    publish = actions.add_parser("publish", help="validate a taxonomy file and write it to the taxonomies topic")
+    publish.add_argument("file", type=Path)
+    publish.add_argument("--config", type=Path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,9 +77,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         from labelstream.demo import run_demo
 
         return run_demo(args.images)
+    if args.command == "taxonomy":
+        return _dispatch_taxonomy(args)
     from labelstream.schema_dump import print_schemas
 
     return print_schemas()
+
+
+def _dispatch_taxonomy(args: argparse.Namespace) -> int:
+    from labelstream import taxonomy_cli
+
+    if args.taxonomy_command == "validate":
+        return taxonomy_cli.validate(args.files)
+    if args.taxonomy_command == "show":
+        return taxonomy_cli.show(args.name, args.json, args.config)
+    return taxonomy_cli.publish(args.file, args.config)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def _run_pipeline(settings: Settings, model: LoadedModel, workdir: Path, image_c
     photos = write_sample_photos(workdir / "photos", image_count)
     client = s3_client(settings.s3)
     client.create_bucket(Bucket=_BUCKET)
-    for topic in (settings.topics.requests, settings.topics.labels, settings.topics.embeddings):
+    for topic in (settings.topics.requests, settings.topics.labels, settings.topics.embeddings, settings.topics.dlq):
         create_topic(settings.kafka.bootstrap_servers, topic, partitions=3)
     targets = []
     for photo in photos:
@@ -112,7 +112,9 @@ def _run_pipeline(settings: Settings, model: LoadedModel, workdir: Path, image_c
 def _label_with_worker(settings: Settings, model: LoadedModel, expected: int) -> list[dict]:
     labeler = build_labeler(settings, model=model)
     producer = build_producer(settings.kafka)
-    publisher = OutputPublisher(producer, settings.topics, model.ref, settings.kafka.produce_timeout_s)
+    publisher = OutputPublisher(
+        producer, settings.topics, model.ref, settings.kafka.produce_timeout_s, settings.kafka.group_id
+    )
     consumer = build_consumer(settings.kafka)
     worker = Worker(settings, labeler, ImageFetcher(settings.s3, settings.fetch), consumer, publisher)
     thread = threading.Thread(target=worker.run, name="worker", daemon=True)

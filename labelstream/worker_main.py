@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
 
 import structlog
 
-from consumers.kafka_clients import build_consumer, build_producer
+from consumers.circuit_breaker import CircuitOpenError
+from consumers.kafka_clients import build_consumer, build_producer, build_transactional_producer
 from consumers.publisher import OutputPublisher
 from consumers.worker import Worker
 from labelstream.logs import configure_logging
-from pipeline.config import load_settings
+from pipeline.config import Settings, load_settings
 from pipeline.fetch import ImageFetcher
 from pipeline.labeler import build_labeler
 
@@ -33,9 +35,14 @@ def run_worker(config_file: Path | None) -> int:
     consumer = build_consumer(settings.kafka)
     worker = Worker(settings, labeler, ImageFetcher(settings.s3, settings.fetch), consumer, publisher)
     _install_signal_handlers(worker)
+    # Taxonomy hot reload (files and the taxonomies topic) runs beside the worker.
+    from consumers.taxonomy_feed import start_taxonomy_updates
+
+    taxonomy_updates = start_taxonomy_updates(settings, labeler)
     try:
         worker.run()
     finally:
+        taxonomy_updates.stop()
         consumer.close(autocommit=False)
         producer.close(timeout=settings.kafka.produce_timeout_s)
     log.info("stopped")

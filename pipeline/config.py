@@ -7,10 +7,13 @@ are `SecretStr`, so they render as `**********` in logs and reprs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+import yaml
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +22,9 @@ from pydantic_settings import (
 )
 
 from pipeline.errors import ConfigError
+
+
+_ENV_PREFIX = "LABELSTREAM_"
 
 
 class _Section(BaseModel):
@@ -30,6 +36,13 @@ class KafkaSettings(_Section):
     group_id: str = "labelstream"
     client_id: str = "labelstream"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # Cooperative rebalancing moves only the partitions that change owner, so
+    # the rest keep flowing while a member joins or leaves.
+    assignor: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"
+    # exactly_once only. Stable per worker instance, so a restarted worker
+    # fences its crashed predecessor and aborts its open transaction.
+    transactional_id: str | None = None
+    transaction_timeout_ms: int = Field(60_000, gt=0)
     # kafka-python's 45 s default session timeout makes group joins slow; these
     # defaults favour quick rebalances and are all overridable.
     session_timeout_ms: int = Field(10_000, gt=0)
@@ -81,17 +94,63 @@ class ModelSettings(_Section):
     device: str = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     cache_dir: Path | None = None
+    # The settings below change nothing on a CPU except `batch_shapes`.
+    # Page-locked host batches, so the copy to the GPU overlaps compute.
+    pin_memory: bool = True
+    channels_last: bool = True
+    # torch.compile the image tower; warmed up on every batch shape before consuming starts.
+    compile: bool = False
+    # Batches are padded up to the next of these sizes (larger batches run
+    # unpadded), so a compiled graph is reused instead of recompiled. Empty: no padding.
+    batch_shapes: tuple[int, ...] = ()
+
+    @field_validator("batch_shapes")
+    @classmethod
+    def _sorted_positive_shapes(cls, shapes: tuple[int, ...]) -> tuple[int, ...]:
+        if any(size <= 0 for size in shapes):
+            raise ValueError("batch shapes must be positive")
+        return tuple(sorted(set(shapes)))
+
+    @field_validator("pretrained")
+    @classmethod
+    def _empty_means_none(cls, value: str | None) -> str | None:
+        # LABELSTREAM_MODEL__PRETRAINED="" is how an environment says "random weights".
+        return value or None
 
 
 class TaxonomySettings(_Section):
-    # None means the built-in ImageNet-1k taxonomy (open_clip's class names and
-    # its 80 OpenAI templates), the setup behind the model card's accuracy.
+    # With no path, files or dir, the worker serves the built-in ImageNet-1k
+    # taxonomy (open_clip's class names and its 80 OpenAI templates), the
+    # setup behind the model card's accuracy.
     path: Path | None = None
+    files: tuple[Path, ...] = ()
+    # Every *.yaml, *.yml and *.json file in it is a taxonomy; new ones are picked up live.
+    dir: Path | None = None
+    # For requests that name no taxonomy; defaults to `path`'s taxonomy, else the first one loaded.
+    default: str | None = None
+    # Where text-feature classifiers are kept between restarts; None disables the cache.
+    cache_dir: Path | None = None
+    # How often files are checked for edits; 0 turns the watcher off.
+    watch_interval_s: float = Field(2.0, ge=0)
+    # Follow `topics.taxonomies` for fleet-wide taxonomy updates.
+    feed_enabled: bool = True
 
 
 class BatchSettings(_Section):
     max_size: int = Field(32, gt=0)
     max_wait_ms: int = Field(50, ge=0)
+
+
+class PreprocessSettings(_Section):
+    # exact: open_clip's own eval transform on the full-size image (parity).
+    # fast: JPEG DCT-domain downscale (draft) and Image.reduce() for other large
+    # images first, never below the model's input size; slightly different pixels.
+    mode: Literal["exact", "fast"] = "exact"
+
+
+class CacheSettings(_Section):
+    # Content-hash dedupe: SHA-256 of the image bytes -> embedding and labels. 0 disables it.
+    max_entries: int = Field(10_000, ge=0)
 
 
 class ImageSettings(_Section):
@@ -106,7 +165,33 @@ class WorkerSettings(_Section):
     decode_threads: int = Field(0, ge=0)
     commit_interval_ms: int = Field(200, ge=0)
     drain_timeout_s: float = Field(30.0, gt=0)
+    # On revocation, how long to let in-flight work of the revoked partitions finish.
+    revoke_timeout_s: float = Field(5.0, ge=0)
     poll_timeout_ms: int = Field(100, gt=0)
+
+
+class RetrySettings(_Section):
+    """Exponential backoff with full jitter for transient failures (S3 5xx, timeouts, broker errors)."""
+
+    initial_backoff_ms: int = Field(200, gt=0)
+    max_backoff_ms: int = Field(5_000, gt=0)
+    # Total time one input may spend retrying before it is dead-lettered.
+    budget_s: float = Field(60.0, gt=0)
+    # How long outputs may fail to reach the broker before the worker gives up and exits.
+    publish_budget_s: float = Field(300.0, gt=0)
+
+
+class DeadLetterSettings(_Section):
+    """Like arroyo's DlqLimit: a bad deploy halts instead of dead-lettering the stream."""
+
+    max_consecutive: int = Field(100, gt=0)
+    max_ratio: float = Field(0.5, gt=0, le=1.0)
+    window: int = Field(500, gt=0)
+    # The ratio rule only applies once this many recent outcomes are known.
+    min_messages: int = Field(50, gt=0)
+    # A run of dead letters is held back from the commit this long, so that the
+    # breaker can trip before committing past the last good message.
+    hold_timeout_s: float = Field(10.0, ge=0)
 
 
 class LogSettings(_Section):
@@ -122,6 +207,7 @@ class Settings(BaseSettings):
         extra="forbid",
     )
 
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
     s3: S3Settings = S3Settings()
@@ -130,7 +216,11 @@ class Settings(BaseSettings):
     taxonomy: TaxonomySettings = TaxonomySettings()
     batch: BatchSettings = BatchSettings()
     image: ImageSettings = ImageSettings()
+    preprocess: PreprocessSettings = PreprocessSettings()
+    cache: CacheSettings = CacheSettings()
     worker: WorkerSettings = WorkerSettings()
+    retry: RetrySettings = RetrySettings()
+    dead_letter: DeadLetterSettings = DeadLetterSettings()
     log: LogSettings = LogSettings()
 
 
@@ -140,14 +230,38 @@ def load_settings(config_file: Path | None = None) -> Settings:
     Raises ConfigError naming the file and every bad field, so a typo fails
     at start-up instead of surfacing as odd behaviour later.
     """
-    if config_file is not None and not Path(config_file).is_file():
-        raise ConfigError(f"config file {config_file}: not found")
+    if config_file is not None:
+        _check_yaml_file(Path(config_file))
+    _check_environment_names()
     settings_cls = _settings_class_for(config_file)
     try:
         return settings_cls()
     except ValidationError as exc:
         where = f"config file {config_file}" if config_file else "configuration"
         raise ConfigError(f"{where}: {_describe_validation_error(exc)}") from exc
+
+
+def _check_yaml_file(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+    if document is not None and not isinstance(document, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections, not {type(document).__name__}")
+
+
+def _check_environment_names() -> None:
+    """pydantic-settings ignores unknown top-level variables; a typo such as
+    LABELSTREAM_KAFKA_BOOTSTRAP_SERVERS (one underscore) must not pass silently."""
+    known = set(Settings.model_fields)
+    for name in os.environ:
+        if not name.upper().startswith(_ENV_PREFIX):
+            continue
+        field = name[len(_ENV_PREFIX) :].split("__", 1)[0].lower()
+        if field not in known:
+            raise ConfigError(f"environment variable {name}: unknown setting '{field}'; known sections: {sorted(known)}")
 
 
 def _settings_class_for(config_file: Path | None) -> type[Settings]:

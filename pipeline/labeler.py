@@ -6,6 +6,7 @@ decode, preprocess; I/O and CPU) and `label` (one model call per batch).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ class ImageLabels:
     labels: list[tuple[str, float]]
     taxonomy: TaxonomyRef
     infer_ms: float
+    # multi_label taxonomies: the classes at or above their thresholds; None in single_label mode.
+    selected: list[tuple[str, float]] | None = None
 
 
 class Labeler:
@@ -63,13 +66,20 @@ class Labeler:
         features = self.model.encode_images(torch.stack(pixels))
         results = [self._score(f, c) for f, c in zip(features, classifiers, strict=True)]
         infer_ms = _ms_since(started)
-        return [ImageLabels(r.embedding, r.labels, r.taxonomy, infer_ms) for r in results]
+        return [dataclasses.replace(r, infer_ms=infer_ms) for r in results]
 
     @staticmethod
     def _score(features: torch.Tensor, classifier: ZeroShotClassifier) -> ImageLabels:
         probabilities = classifier.probabilities(features.unsqueeze(0))
         taxonomy = TaxonomyRef(name=classifier.taxonomy.name, version=classifier.version)
-        return ImageLabels(as_numpy(features), classifier.top_labels(probabilities)[0], taxonomy, 0.0)
+        selected = classifier.selected_labels(probabilities)
+        return ImageLabels(
+            as_numpy(features),
+            classifier.top_labels(probabilities)[0],
+            taxonomy,
+            0.0,
+            selected=None if selected is None else selected[0],
+        )
 
 
 def _ms_since(started: float) -> float:
@@ -77,14 +87,18 @@ def _ms_since(started: float) -> float:
 
 
 def build_labeler(settings: Settings, model: LoadedModel | None = None) -> Labeler:
-    """Load the model (unless given) and build the configured taxonomy's classifier."""
+    """Load the model (unless given) and every configured taxonomy's classifier, from the cache when it can."""
     from pipeline import metrics
-    from pipeline.classifier import build_classifier
+    from pipeline.classifier_cache import ClassifierCache, load_or_build
     from pipeline.model import load_model
-    from pipeline.taxonomy import resolve_taxonomy
+    from pipeline.taxonomy_store import default_name, load_configured
 
+    taxonomies = load_configured(settings.taxonomy)
     model = model or load_model(settings.model)
     metrics.MODEL_LOAD_SECONDS.set(model.load_seconds)
-    classifier = build_classifier(model, resolve_taxonomy(settings.taxonomy.path))
-    metrics.CLASSIFIER_BUILD_SECONDS.labels(taxonomy=classifier.taxonomy.name).set(classifier.build_seconds)
-    return Labeler(model, ClassifierRegistry([classifier]), settings.image)
+    cache = ClassifierCache(settings.taxonomy.cache_dir)
+    classifiers = [load_or_build(model, taxonomy, cache) for taxonomy in taxonomies]
+    for classifier in classifiers:
+        metrics.CLASSIFIER_BUILD_SECONDS.labels(taxonomy=classifier.taxonomy.name).set(classifier.build_seconds)
+    registry = ClassifierRegistry(classifiers, default=default_name(settings.taxonomy, taxonomies))
+    return Labeler(model, registry, settings.image)

@@ -21,3 +21,16 @@ MODEL_LOAD_SECONDS = Gauge("labelstream_model_load_seconds", "Time to load the m
 CLASSIFIER_BUILD_SECONDS = Gauge(
     "labelstream_classifier_build_seconds", "Time to build a taxonomy's text classifier", ["taxonomy"]
 )
+
+# Taxonomies: the on-disk classifier cache, and live updates (files or the taxonomies topic).
+CLASSIFIER_CACHE_HITS = Counter(
+    "labelstream_classifier_cache_hits_total", "Classifiers loaded from the on-disk cache", ["taxonomy"]
+)
+CLASSIFIER_BUILDS = Counter(
+    "labelstream_classifier_builds_total", "Classifiers whose text features were computed", ["taxonomy"]
+)
+TAXONOMY_UPDATES = Counter(
+    "labelstream_taxonomy_updates_total",
+    "Taxonomy updates by origin (file, kafka) and outcome (loaded, unchanged, rejected, removed)",
+    ["origin", "outcome"],
+)

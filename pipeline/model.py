@@ -102,6 +102,8 @@ def resolve_source(settings: ModelSettings) -> ModelSource:
 
 
 def _resolve_name(name: str) -> tuple[str, str]:
+    if name.startswith("local-dir:"):
+        return name, f"{name}@{_folder_digest(Path(name[len('local-dir:'):]))}"
     if name.endswith(".json"):
         path = Path(name)
         if not path.is_file():
@@ -134,6 +136,16 @@ def _check_known_tag(open_clip_name: str, tag: str) -> None:
     if not open_clip.get_pretrained_cfg(open_clip_name, tag):
         known = open_clip.list_pretrained_tags_by_model(open_clip_name)
         raise ConfigError(f"model.pretrained: {tag!r} is not a pretrained tag of {open_clip_name}; known: {known}")
+
+
+def _folder_digest(folder: Path) -> str:
+    """Config content plus weights size and mtime: a changed checkpoint must change the identity,
+    or cached classifiers and taxonomy versions would silently outlive it."""
+    parts = []
+    for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+        stat = path.stat()
+        parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
 def _file_digest(path: Path) -> str:

@@ -12,6 +12,11 @@ A taxonomy file is YAML (or JSON):
 
 Every prompt is expanded with every template, exactly as open_clip's
 `build_zero_shot_classifier` expands class names.
+
+`mode: multi_label` scores every class on its own (see pipeline/classifier.py)
+and adds `threshold` (taxonomy-wide default and per class), per-class
+`negative_prompts` and the taxonomy's `negative_templates`; docs/taxonomies.md
+has the full format.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +33,24 @@ from pipeline.errors import TaxonomyError
 
 BUILTIN_IMAGENET = "imagenet1k"
 _DATA_DIR = Path(__file__).parent / "data"
+DEFAULT_THRESHOLD = 0.5
+# The generic negative of a multi-label class that has no negative_prompts of
+# its own; it is the issue's own example ("a photo of a dog" against this).
+DEFAULT_NEGATIVE_TEMPLATES = ("a photo of something that is not a {}.",)
+
+Mode = Literal["single_label", "multi_label"]
+
+
+class FieldProblem(ValueError):
+    """A cross-field check that knows which field is wrong.
+
+    Pydantic reports model-level errors at the root; carrying the location
+    lets the error message name the field and its line like any other error.
+    """
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
 
 
 class TaxonomyClass(BaseModel):
@@ -35,8 +58,11 @@ class TaxonomyClass(BaseModel):
 
     name: str = Field(min_length=1, max_length=256)
     prompts: tuple[str, ...] = ()
+    # multi_label only: this class's decision threshold and hard negatives.
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    negative_prompts: tuple[str, ...] = ()
 
-    @field_validator("prompts")
+    @field_validator("prompts", "negative_prompts")
     @classmethod
     def _prompts_not_blank(cls, prompts: tuple[str, ...]) -> tuple[str, ...]:
         if any(not p.strip() for p in prompts):
@@ -51,9 +77,13 @@ class Taxonomy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    mode: Mode = "single_label"
     templates: tuple[str, ...] = Field(min_length=1)
     classes: tuple[TaxonomyClass, ...] = Field(min_length=2)
     top_k: int = Field(5, ge=1)
+    # multi_label only: the threshold of classes that set none.
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    negative_templates: tuple[str, ...] = Field(DEFAULT_NEGATIVE_TEMPLATES, min_length=1)
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -62,7 +92,7 @@ class Taxonomy(BaseModel):
             return [{"name": item} if isinstance(item, str) else item for item in value]
         return value
 
-    @field_validator("templates")
+    @field_validator("templates", "negative_templates")
     @classmethod
     def _one_placeholder(cls, templates: tuple[str, ...]) -> tuple[str, ...]:
         for template in templates:
@@ -73,10 +103,24 @@ class Taxonomy(BaseModel):
     @model_validator(mode="after")
     def _unique_class_names(self) -> Taxonomy:
         seen: set[str] = set()
-        for item in self.classes:
+        for index, item in enumerate(self.classes):
             if item.name in seen:
-                raise ValueError(f"class name {item.name!r} appears more than once")
+                raise FieldProblem(("classes", index, "name"), f"class name {item.name!r} appears more than once")
             seen.add(item.name)
+        return self
+
+    @model_validator(mode="after")
+    def _multi_label_fields_need_multi_label(self) -> Taxonomy:
+        # A threshold in a single-label file almost always means a forgotten
+        # `mode: multi_label`; silently ignoring it would hide that.
+        if self.mode == "multi_label":
+            return self
+        if self.threshold is not None:
+            raise FieldProblem(("threshold",), "only applies when mode is multi_label")
+        for index, item in enumerate(self.classes):
+            for field in ("threshold", "negative_prompts"):
+                if getattr(item, field):
+                    raise FieldProblem(("classes", index, field), "only applies when mode is multi_label")
         return self
 
     @property
@@ -87,8 +131,34 @@ class Taxonomy(BaseModel):
     def effective_top_k(self) -> int:
         return min(self.top_k, len(self.classes))
 
+    @property
+    def is_multi_label(self) -> bool:
+        return self.mode == "multi_label"
+
+    def threshold_of(self, item: TaxonomyClass) -> float:
+        if item.threshold is not None:
+            return item.threshold
+        return DEFAULT_THRESHOLD if self.threshold is None else self.threshold
+
+    def positive_texts(self, item: TaxonomyClass) -> list[str]:
+        return [fill_template(t, p) for p in item.expanded_prompts() for t in self.templates]
+
+    def negative_texts(self, item: TaxonomyClass) -> list[str]:
+        """The prompts a multi-label class is weighed against.
+
+        Own negative prompts go through the same templates as the positives;
+        without them, the negative templates wrap the class's own prompts.
+        """
+        if item.negative_prompts:
+            return [fill_template(t, p) for p in item.negative_prompts for t in self.templates]
+        return [fill_template(t, p) for p in item.expanded_prompts() for t in self.negative_templates]
+
     def prompt_count(self) -> int:
-        return sum(len(c.expanded_prompts()) for c in self.classes) * len(self.templates)
+        """How many texts the text tower encodes to build this taxonomy's classifier."""
+        positives = sum(len(c.expanded_prompts()) for c in self.classes) * len(self.templates)
+        if not self.is_multi_label:
+            return positives
+        return positives + sum(len(self.negative_texts(c)) for c in self.classes)
 
     def version(self, model_identity: str) -> str:
         """Content hash of the normalised taxonomy and the model it is scored with.
@@ -135,13 +205,25 @@ def parse_taxonomy(text: str, source: str = "<taxonomy>") -> Taxonomy:
 
 def _describe(exc: ValidationError, node: yaml.Node | None) -> str:
     problems = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors:
         loc = tuple(err["loc"])
+        if _follows_from_another(err, errors):
+            continue
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, FieldProblem):
+            loc, err["msg"] = loc + cause.loc, str(cause)
         field = ".".join(str(p) for p in loc) or "<root>"
         line = _line_of(node, loc)
         where = f" (line {line})" if line else ""
         problems.append(f"field '{field}'{where}: {err['msg']}")
     return "; ".join(problems)
+
+
+def _follows_from_another(err: Any, errors: list[Any]) -> bool:
+    """A list whose items all failed is also reported as too short; the item errors say more."""
+    loc = tuple(err["loc"])
+    return err["type"] == "too_short" and any(tuple(e["loc"])[: len(loc)] == loc and e is not err for e in errors)
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,5 +57,8 @@ class LabelRecord(BaseModel):
     taxonomy: TaxonomyRef
     # The taxonomy's top_k, sorted by score, descending.
     labels: list[LabelScore]
+    mode: Literal["single_label", "multi_label"] = "single_label"
+    # multi_label only: every class whose score is at or above its threshold, highest first.
+    selected: list[LabelScore] | None = None
     source: SourceRef | None
     timings_ms: Timings

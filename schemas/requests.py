@@ -20,10 +20,20 @@ class S3Source(BaseModel):
     version_id: str | None = None
 
 
+# JSON Schema readers cannot see the model validator, so state "exactly one source" for them too.
+_EXACTLY_ONE_SOURCE = {
+    "oneOf": [
+        {"required": ["s3"], "properties": {"s3": {"type": "object"}}},
+        {"required": ["url"], "properties": {"url": {"type": "string"}}},
+        {"required": ["base64"], "properties": {"base64": {"type": "string"}}},
+    ]
+}
+
+
 class ImageSource(BaseModel):
     """Exactly one of `s3`, `url` or `base64`."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_EXACTLY_ONE_SOURCE)
 
     s3: S3Source | None = None
     url: str | None = Field(None, min_length=1, max_length=4096)

@@ -1,0 +1,430 @@
+"""`labelstream run` end to end: a real worker process, the Tansu broker, moto S3, the tiny model.
+
+Nothing is mocked. Requests go onto a real topic, the worker subprocess labels
+them, and the tests read its outputs and its committed offsets back from the
+broker. Expected end offsets come from the producer's RecordMetadata, never
+from end_offsets(), which Tansu 0.6.0 gets wrong for multi-record batches.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from PIL import Image
+
+from schemas.embeddings import EmbeddingRecord
+from schemas.labels import LabelRecord
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REQUEST_COUNT = 210
+PARTITIONS = 3
+TAXONOMY_NAME = "e2e-objects"
+TAXONOMY_CLASSES = ["dog", "cat", "flower", "textile", "city street"]
+TOP_K = 3
+EMBED_DIM = 64
+LABELS_TIMEOUT_S = 120.0
+COMMIT_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
+SECOND_RUN_S = 10.0
+IDLE_GAP_S = 2.0
+
+
+# -- the worker subprocess ----------------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+
+    def log_text(self) -> str:
+        return self.stderr_path.read_text(errors="replace") + self.stdout_path.read_text(errors="replace")
+
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON log lines (structlog writes them to stderr); other lines are skipped."""
+        found = []
+        for line in self.stderr_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    found.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return found
+
+    def events_named(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e.get("event") == name]
+
+    def wait_for_event(self, name: str, timeout_s: float, accept: Callable[[dict[str, Any]], bool] = bool) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            matching = [e for e in self.events_named(name) if accept(e)]
+            if matching:
+                return matching[0]
+            assert self.proc.poll() is None, f"worker exited {self.proc.returncode} early:\n{self.tail()}"
+            time.sleep(0.2)
+        raise AssertionError(f"no {name!r} log line within {timeout_s:.0f}s:\n{self.tail()}")
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM, then wait; the exit code, or an assertion error if it hangs."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker still running {timeout_s:.0f}s after SIGTERM:\n{self.tail()}") from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log_text()[-chars:]
+
+
+def start_worker(env: dict[str, str], log_dir: Path, name: str, config: Path | None = None) -> WorkerProcess:
+    argv = [sys.executable, "-m", "labelstream.cli", "run"] + (["--config", str(config)] if config else [])
+    stdout_path, stderr_path = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
+    with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+    return WorkerProcess(proc, stdout_path, stderr_path)
+
+
+# -- broker helpers -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Produced:
+    partition: int
+    offset: int
+
+
+def produce(bootstrap: str, topic: str, messages: Iterable[tuple[int, bytes | None, bytes | None]]) -> list[Produced]:
+    """Send (partition, key, value) with acks=all; where each one landed, in order."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    try:
+        futures = [producer.send(topic, key=key, value=value, partition=p) for p, key, value in messages]
+        producer.flush(timeout=30)
+        metadata = [f.get(timeout=30) for f in futures]
+    finally:
+        producer.close()
+    return [Produced(m.partition, m.offset) for m in metadata]
+
+
+def true_end_offsets(topic: str, produced: list[Produced]) -> dict[TopicPartition, int]:
+    ends: dict[TopicPartition, int] = {}
+    for item in produced:
+        tp = TopicPartition(topic, item.partition)
+        ends[tp] = max(ends.get(tp, 0), item.offset + 1)
+    return ends
+
+
+def committed_offsets(bootstrap: str, group: str) -> dict[TopicPartition, int]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        answer = admin.list_group_offsets({group: None}).get(group, {})
+    finally:
+        admin.close()
+    return {tp: meta.offset for tp, meta in answer.items() if meta.offset >= 0}
+
+
+def wait_for_commits(bootstrap: str, group: str, expected: dict[TopicPartition, int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    seen: dict[TopicPartition, int] = {}
+    while time.monotonic() < deadline:
+        seen = committed_offsets(bootstrap, group)
+        if all(seen.get(tp) == end for tp, end in expected.items()):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"group {group} committed {seen}, expected {expected} within {timeout_s:.0f}s")
+
+
+def topic_reader(bootstrap: str, *topics: str) -> KafkaConsumer:
+    """A group-less reader from the beginning: it commits nothing and joins no group."""
+    return KafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+                         enable_auto_commit=False)
+
+
+def read_until(reader: KafkaConsumer, done: Callable[[list[ConsumerRecord]], bool], timeout_s: float
+               ) -> list[ConsumerRecord]:
+    records: list[ConsumerRecord] = []
+    deadline = time.monotonic() + timeout_s
+    while not done(records) and time.monotonic() < deadline:
+        for batch in reader.poll(timeout_ms=300).values():
+            records += batch
+    return records
+
+
+def read_until_idle(reader: KafkaConsumer, timeout_s: float = 20.0) -> list[ConsumerRecord]:
+    """Everything more, until nothing new has arrived for IDLE_GAP_S (end_offsets cannot be trusted)."""
+    records: list[ConsumerRecord] = []
+    deadline = time.monotonic() + timeout_s
+    last_new = time.monotonic()
+    while time.monotonic() - last_new < IDLE_GAP_S and time.monotonic() < deadline:
+        for batch in reader.poll(timeout_ms=300).values():
+            records += batch
+            last_new = time.monotonic()
+    return records
+
+
+def count_records(bootstrap: str, *topics: str) -> Counter[str]:
+    reader = topic_reader(bootstrap, *topics)
+    try:
+        return Counter(record.topic for record in read_until_idle(reader))
+    finally:
+        reader.close()
+
+
+# -- request and taxonomy builders ---------------------------------------------------
+
+
+def write_taxonomy(folder: Path) -> Path:
+    path = folder / "taxonomy.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": TAXONOMY_NAME,
+        "top_k": TOP_K,
+        "templates": ["a photo of a {}.", "a close-up photo of a {}."],
+        "classes": TAXONOMY_CLASSES,
+    }))
+    return path
+
+
+def upload_photos(s3_client: Any, bucket: str, photos: list[Path]) -> list[str]:
+    keys = []
+    for photo in photos:
+        key = f"photos/{photo.name}"
+        s3_client.upload_file(str(photo), bucket, key)
+        keys.append(key)
+    return keys
+
+
+def s3_request(request_id: str, bucket: str, key: str, **extra: Any) -> bytes:
+    return json.dumps({"id": request_id, "image": {"s3": {"bucket": bucket, "key": key}}, **extra}).encode()
+
+
+def tiny_jpeg_base64() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format="JPEG", quality=50)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def by_id(records: list[ConsumerRecord]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        document = json.loads(record.value)
+        grouped.setdefault(document["id"], []).append(document)
+    return grouped
+
+
+# -- assertions on one output pair ------------------------------------------------
+
+
+def assert_label_record(document: dict[str, Any], metadata: dict[str, Any], source: dict[str, Any]) -> None:
+    LabelRecord.model_validate(document)
+    assert document["metadata"] == metadata
+    labels = document["labels"]
+    assert len(labels) == TOP_K
+    scores = [entry["score"] for entry in labels]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert {entry["label"] for entry in labels} <= set(TAXONOMY_CLASSES)
+    assert document["taxonomy"]["name"] == TAXONOMY_NAME
+    assert document["taxonomy"]["version"]
+    assert document["source"] == source
+    timings = document["timings_ms"]
+    assert {"fetch", "decode", "infer", "total"} <= set(timings)
+    assert all(isinstance(timings[k], (int, float)) and timings[k] >= 0 for k in ("fetch", "decode", "infer", "total"))
+
+
+def assert_embedding_record(document: dict[str, Any]) -> None:
+    EmbeddingRecord.model_validate(document)
+    assert document["dim"] == EMBED_DIM
+    assert document["dtype"] == "float32"
+    assert document["encoding"] == "base64"
+    raw = base64.b64decode(document["vector"], validate=True)
+    assert len(raw) == EMBED_DIM * 4
+    vector = np.frombuffer(raw, dtype="<f4")
+    assert np.all(np.isfinite(vector))
+    assert float(np.linalg.norm(vector.astype(np.float64))) == pytest.approx(1.0, abs=1e-4)
+
+
+def assert_clean_stop(worker: WorkerProcess) -> None:
+    code = worker.stop()
+    assert code == 0, f"worker exited {code}:\n{worker.tail()}"
+    names = {e.get("event") for e in worker.events()}
+    assert {"draining", "drained", "stopped"} <= names, worker.tail()
+
+
+# -- the tests ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(400)
+def test_worker_labels_every_request_once_commits_and_a_restart_reprocesses_nothing(
+    broker: Any,
+    s3_client: Any,
+    new_bucket: Callable[[], str],
+    new_topic: Callable[..., str],
+    unique_id: str,
+    worker_env: Callable[..., dict[str, str]],
+    sample_photos: list[Path],
+    tmp_path: Path,
+) -> None:
+    requests_topic, labels_topic, embeddings_topic = new_topic(PARTITIONS), new_topic(PARTITIONS), new_topic(PARTITIONS)
+    group = f"e2e-{unique_id}"
+    bucket = new_bucket()
+    keys = upload_photos(s3_client, bucket, sample_photos)
+    ids = [f"req-{unique_id}-{i:04d}" for i in range(REQUEST_COUNT)]
+    metadata = {rid: {"n": i, "nested": {"a": [1, 2]}} for i, rid in enumerate(ids)}
+    produced = produce(broker.bootstrap, requests_topic, (
+        (i % PARTITIONS, rid.encode(), s3_request(rid, bucket, keys[i % len(keys)], metadata=metadata[rid]))
+        for i, rid in enumerate(ids)
+    ))
+    assert {p.partition for p in produced} == set(range(PARTITIONS))
+    sources = {rid: {"topic": requests_topic, "partition": p.partition, "offset": p.offset}
+               for rid, p in zip(ids, produced, strict=True)}
+    env = worker_env(
+        LABELSTREAM_TOPICS__REQUESTS=requests_topic,
+        LABELSTREAM_TOPICS__LABELS=labels_topic,
+        LABELSTREAM_TOPICS__EMBEDDINGS=embeddings_topic,
+        LABELSTREAM_KAFKA__GROUP_ID=group,
+        LABELSTREAM_TAXONOMY__PATH=str(write_taxonomy(tmp_path)),
+    )
+    reader = topic_reader(broker.bootstrap, labels_topic, embeddings_topic)
+    first = start_worker(env, tmp_path, "first")
+    try:
+        outputs = read_until(reader, lambda got: len({(r.topic, r.key) for r in got}) >= 2 * REQUEST_COUNT,
+                             LABELS_TIMEOUT_S)
+        wait_for_commits(broker.bootstrap, group, true_end_offsets(requests_topic, produced), COMMIT_TIMEOUT_S)
+        outputs += read_until_idle(reader)
+        assert first.proc.poll() is None, first.tail()
+        assert_clean_stop(first)
+    finally:
+        first.kill()
+        reader.close()
+
+    labels = [r for r in outputs if r.topic == labels_topic]
+    embeddings = [r for r in outputs if r.topic == embeddings_topic]
+    labels_by_id, embeddings_by_id = by_id(labels), by_id(embeddings)
+    assert set(labels_by_id) == set(ids), f"missing labels for {sorted(set(ids) - set(labels_by_id))[:5]}"
+    assert set(embeddings_by_id) == set(ids)
+    assert [rid for rid, docs in labels_by_id.items() if len(docs) != 1] == []
+    assert [rid for rid, docs in embeddings_by_id.items() if len(docs) != 1] == []
+    assert all(r.key == json.loads(r.value)["id"].encode() for r in outputs)
+    for rid in ids:
+        assert_label_record(labels_by_id[rid][0], metadata[rid], sources[rid])
+        assert_embedding_record(embeddings_by_id[rid][0])
+    assert len({d[0]["taxonomy"]["version"] for d in labels_by_id.values()}) == 1
+    labelled_events = first.events_named("labelled")
+    assert len(labelled_events) == REQUEST_COUNT
+    assert not first.events_named("rejected")
+
+    before = count_records(broker.bootstrap, labels_topic, embeddings_topic)
+    assert before == {labels_topic: REQUEST_COUNT, embeddings_topic: REQUEST_COUNT}
+    second = start_worker(env, tmp_path, "second")
+    try:
+        second.wait_for_event("partitions_assigned", timeout_s=60,
+                              accept=lambda e: len(e.get("partitions", [])) == PARTITIONS)
+        time.sleep(SECOND_RUN_S)
+        assert second.proc.poll() is None, second.tail()
+        assert_clean_stop(second)
+    finally:
+        second.kill()
+    assert not second.events_named("labelled"), "the restarted worker reprocessed committed requests"
+    assert count_records(broker.bootstrap, labels_topic, embeddings_topic) == before
+    assert committed_offsets(broker.bootstrap, group) == true_end_offsets(requests_topic, produced)
+
+
+def write_worker_config(folder: Path, settings: dict[str, Any]) -> Path:
+    path = folder / "worker.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def invalid_requests(bucket: str, key: str, uid: str) -> list[tuple[bytes | None, str]]:
+    """(value, expected rejection code) for each kind of bad input."""
+    image = {"s3": {"bucket": bucket, "key": key}}
+    oversized = base64.b64encode(b"\xff" * 3000).decode("ascii")
+    return [
+        (b"{this is not json", "request.invalid_json"),
+        (b"\xff\xfe\x80 not utf-8 \xc3\x28", "request.not_utf8"),
+        (json.dumps({"image": image}).encode(), "request.invalid"),
+        (json.dumps({"id": f"bad-two-{uid}", "image": {**image, "base64": tiny_jpeg_base64()}}).encode(),
+         "request.invalid"),
+        (json.dumps({"id": f"bad-big-{uid}", "image": {"base64": oversized}}).encode(), "request.invalid"),
+        (s3_request(f"bad-tax-{uid}", bucket, key, taxonomy="no-such-taxonomy"), "taxonomy.unknown"),
+        (s3_request(f"bad-key-{uid}", bucket, "photos/does-not-exist.jpg"), "s3.not_found"),
+        (s3_request(f"bad-bucket-{uid}", f"ls-missing-{uid}", key), "s3.bucket_not_found"),
+        (json.dumps({"id": f"bad-img-{uid}", "image": {"base64": base64.b64encode(b"plain text").decode()}}).encode(),
+         "image.unsupported_format"),
+        (None, "request.empty"),
+    ]
+
+
+@pytest.mark.timeout(300)
+def test_worker_rejects_bad_requests_keeps_labelling_and_takes_yaml_config_under_env(
+    broker: Any,
+    s3_client: Any,
+    new_bucket: Callable[[], str],
+    new_topic: Callable[..., str],
+    unique_id: str,
+    worker_env: Callable[..., dict[str, str]],
+    sample_photos: list[Path],
+    tmp_path: Path,
+) -> None:
+    requests_topic, yaml_labels_topic, env_labels_topic, embeddings_topic = (new_topic(1) for _ in range(4))
+    group = f"e2e-bad-{unique_id}"
+    bucket = new_bucket()
+    key = upload_photos(s3_client, bucket, sample_photos[:1])[0]
+    # Settings come from the YAML file; the environment overrides only topics.labels.
+    config = write_worker_config(tmp_path, {
+        "topics": {"requests": requests_topic, "labels": yaml_labels_topic, "embeddings": embeddings_topic},
+        "kafka": {"group_id": group},
+        "fetch": {"max_inline_bytes": 1000},
+        "taxonomy": {"path": str(write_taxonomy(tmp_path))},
+    })
+    bad = invalid_requests(bucket, key, unique_id)
+    good_ids = [f"good-{unique_id}-{i}" for i in range(len(bad) + 1)]
+    good_values = [s3_request(rid, bucket, key) for rid in good_ids[:-1]]
+    good_values.append(json.dumps({"id": good_ids[-1], "image": {"base64": tiny_jpeg_base64()}}).encode())
+    # Good and bad alternate on one partition, a good one last, so a stall anywhere shows.
+    interleaved = [value for pair in zip(good_values, [v for v, _ in bad], strict=False) for value in pair]
+    interleaved.append(good_values[-1])
+    # Keys too: kafka-python refuses a record with neither key nor value (the tombstone).
+    produced = produce(broker.bootstrap, requests_topic, ((0, f"r{i}".encode(), v) for i, v in enumerate(interleaved)))
+    bad_offsets = {produced[2 * i + 1].offset: code for i, (_, code) in enumerate(bad)}
+
+    env = worker_env(LABELSTREAM_TOPICS__LABELS=env_labels_topic)
+    reader = topic_reader(broker.bootstrap, env_labels_topic)
+    worker = start_worker(env, tmp_path, "bad-requests", config=config)
+    try:
+        labels = read_until(reader, lambda got: len(got) >= len(good_ids), LABELS_TIMEOUT_S)
+        wait_for_commits(broker.bootstrap, group, true_end_offsets(requests_topic, produced), COMMIT_TIMEOUT_S)
+        assert worker.proc.poll() is None, f"worker died on bad input:\n{worker.tail()}"
+        rejected = {e["offset"]: e for e in worker.events_named("rejected")}
+        assert_clean_stop(worker)
+    finally:
+        worker.kill()
+        reader.close()
+
+    assert sorted(by_id(labels)) == sorted(good_ids)
+    assert {o: rejected.get(o, {}).get("code") for o in bad_offsets} == bad_offsets
+    assert all(e.get("error") and e.get("stage") for e in rejected.values())
+    assert len(worker.events_named("labelled")) == len(good_ids)
+    counts = count_records(broker.bootstrap, yaml_labels_topic, env_labels_topic, embeddings_topic)
+    assert counts == {env_labels_topic: len(good_ids), embeddings_topic: len(good_ids)}
