@@ -18,8 +18,14 @@ offsets become visible to `read_committed` readers together, or not at all.
 from __future__ import annotations
 
 import structlog
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import (
+    CommitFailedError,
+    InvalidProducerEpochError,
+    KafkaError,
+    ProducerFencedError,
+    TransactionalIdAuthorizationFailedError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from consumers.offsets import OffsetTracker
@@ -28,6 +34,9 @@ from consumers.records import Outcome
 from pipeline.errors import PublishError
 
 log = structlog.get_logger("labelstream.checkpoint")
+
+# After these the producer can never commit again; retrying would only spin.
+_FATAL_TRANSACTION_ERRORS = (ProducerFencedError, InvalidProducerEpochError, TransactionalIdAuthorizationFailedError)
 
 
 class Checkpoint:
@@ -38,6 +47,7 @@ class Checkpoint:
         self._publisher = publisher
         self._tracker = tracker
         self._exactly_once = exactly_once
+        self._abort_pending = False
 
     def commit(self, outcomes: list[Outcome]) -> int:
         """Publish, confirm, commit. Returns how many outcomes were published.
@@ -71,6 +81,11 @@ class Checkpoint:
             # will reprocess from its last commit. Duplicates, never loss.
             log.warning("commit_failed_rebalance", error=str(exc))
             return
+        except KafkaError as exc:
+            # The broker is unreachable. The inputs are finished, so the same
+            # offsets come back from `committable()` at the next checkpoint.
+            log.warning("commit_failed", error=str(exc), retriable=getattr(exc, "retriable", False))
+            return
         self._tracker.mark_committed(offsets)
 
     def _commit_transaction(self, outcomes: list[Outcome]) -> None:
@@ -79,6 +94,8 @@ class Checkpoint:
         if not outcomes and not offsets:
             return
         producer = self._publisher.producer
+        if self._abort_pending:
+            self._abort(producer)
         try:
             producer.begin_transaction()
             for outcome in outcomes:
@@ -87,6 +104,10 @@ class Checkpoint:
                 committed = {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
                 producer.send_offsets_to_transaction(committed, self._consumer.group_metadata())
             producer.commit_transaction()
+        except _FATAL_TRANSACTION_ERRORS as exc:
+            # Another instance with our transactional id took over: this one
+            # must stop; its open transaction is aborted by the broker.
+            raise PublishError(f"transactional producer fenced: {exc}", retryable=False) from exc
         except KafkaError as exc:
             self._abort(producer)
             raise PublishError(f"transaction failed: {exc}", retryable=True) from exc
@@ -95,9 +116,13 @@ class Checkpoint:
             self._tracker.finish(ticket)
         self._tracker.mark_committed(offsets)
 
-    def _abort(self, producer) -> None:  # type: ignore[no-untyped-def]
+    def _abort(self, producer: KafkaProducer) -> None:
+        """Abort the open transaction; if the broker is unreachable, try again before the next one."""
         self._publisher.discard_pending()
         try:
             producer.abort_transaction()
         except KafkaError as exc:
+            self._abort_pending = True
             log.warning("abort_transaction_failed", error=str(exc))
+            return
+        self._abort_pending = False

@@ -6,12 +6,20 @@ row, or on more than a share of the recent window. To be able to stop
 without committing past the last good message, a current run of dead letters
 is held back from the commit until a good outcome ends it (or it has been
 held for `hold_timeout_s`, so a quiet stream still commits).
+
+Once tripped, the gate releases nothing that comes after the held run:
+dead letters stay held, and a good outcome passes only if it comes before
+the first held dead letter of its partition (work that was already under way
+when the poison arrived). What stays held is never committed, so a restart
+after the fix reads it again.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+
+from kafka import TopicPartition
 
 from consumers.records import Outcome
 from pipeline.config import DeadLetterSettings
@@ -30,16 +38,31 @@ class DeadLetterGate:
         self._consecutive = 0
         self._held: list[Outcome] = []
         self._held_since: float | None = None
+        self.trip_reason: str | None = None
+
+    @property
+    def tripped(self) -> bool:
+        return self.trip_reason is not None
 
     def admit(self, outcomes: list[Outcome]) -> list[Outcome]:
-        """Outcomes that may be published and committed now; raises CircuitOpenError on a trip."""
+        """Outcomes that may be published and committed now, in the order they may go."""
         released: list[Outcome] = []
         for outcome in outcomes:
+            if self.tripped:
+                released.extend(self._after_trip(outcome))
+                continue
             released.extend(self._record(outcome))
-        self._check_trip()
-        if self._held and self._held_for() >= self._settings.hold_timeout_s:
+            self.trip_reason = self._trip_reason()
+        if not self.tripped and self._held and self._held_for() >= self._settings.hold_timeout_s:
             released.extend(self._release())
         return released
+
+    def release_all(self) -> list[Outcome]:
+        """On a graceful stop, dead letters are terminal outcomes like any other; not once tripped."""
+        return [] if self.tripped else self._release()
+
+    def held_count(self) -> int:
+        return len(self._held)
 
     def _record(self, outcome: Outcome) -> list[Outcome]:
         failed = outcome.error is not None
@@ -53,6 +76,17 @@ class DeadLetterGate:
         self._held.append(outcome)
         return []
 
+    def _after_trip(self, outcome: Outcome) -> list[Outcome]:
+        if outcome.error is not None:
+            self._held.append(outcome)
+            return []
+        barrier = self._first_held_offset(outcome.item.ticket.partition)
+        return [outcome] if barrier is None or outcome.item.offset < barrier else []
+
+    def _first_held_offset(self, partition: TopicPartition) -> int | None:
+        offsets = [o.item.offset for o in self._held if o.item.ticket.partition == partition]
+        return min(offsets, default=None)
+
     def _release(self) -> list[Outcome]:
         held, self._held, self._held_since = self._held, [], None
         return held
@@ -60,19 +94,11 @@ class DeadLetterGate:
     def _held_for(self) -> float:
         return 0.0 if self._held_since is None else time.monotonic() - self._held_since
 
-    def _check_trip(self) -> None:
+    def _trip_reason(self) -> str | None:
         s = self._settings
         if self._consecutive >= s.max_consecutive:
-            raise CircuitOpenError(f"{self._consecutive} dead letters in a row (limit {s.max_consecutive})")
+            return f"{self._consecutive} dead letters in a row (limit {s.max_consecutive})"
         failures = sum(self._recent)
         if len(self._recent) >= s.min_messages and failures / len(self._recent) > s.max_ratio:
-            raise CircuitOpenError(
-                f"{failures} of the last {len(self._recent)} inputs were dead-lettered (limit {s.max_ratio:.0%})"
-            )
-
-    def release_all(self) -> list[Outcome]:
-        """On a graceful stop, dead letters are terminal outcomes like any other."""
-        return self._release()
-
-    def held_count(self) -> int:
-        return len(self._held)
+            return f"{failures} of the last {len(self._recent)} inputs were dead-lettered (limit {s.max_ratio:.0%})"
+        return None

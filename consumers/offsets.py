@@ -19,12 +19,21 @@ class _PartitionState:
     in_flight: set[int] = field(default_factory=set)
     next_offset: int | None = None
     committed: int | None = None
+    # Where this assignment started reading: what the group had committed.
+    first_offset: int | None = None
 
     def committable(self) -> int | None:
         position = min(self.in_flight) if self.in_flight else self.next_offset
         if position is None or position == self.committed:
             return None
         return position
+
+    def uncommitted(self) -> int:
+        """Offsets read but not committed: finished ones blocked behind a slow one count too."""
+        if self.next_offset is None:
+            return 0
+        base = self.committed if self.committed is not None else self.first_offset
+        return self.next_offset - (base if base is not None else self.next_offset)
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class OffsetTracker:
             # poll() only returns records of assigned partitions; treat a miss as an assignment.
             self.assign([tp])
             state = self._partitions[tp]
+        if state.first_offset is None:
+            state.first_offset = offset
         state.in_flight.add(offset)
         state.next_offset = max(offset + 1, state.next_offset or 0)
         return Ticket(tp, offset, state.epoch)
@@ -105,7 +116,18 @@ class OffsetTracker:
                 self._partitions[tp].committed = offset
 
     def in_flight_count(self) -> int:
+        """Inputs read whose outputs are not acknowledged yet."""
         return sum(len(s.in_flight) for s in self._partitions.values())
+
+    def uncommitted_count(self) -> int:
+        """Offsets read past the committed position, finished or not.
+
+        This is what a crash makes the group read again, so the in-flight
+        limit bounds it: with out-of-order completion, counting only
+        unfinished inputs would let one stuck input hold back an unbounded
+        run of finished, published, uncommitted ones.
+        """
+        return sum(s.uncommitted() for s in self._partitions.values())
 
     def partitions(self) -> list[TopicPartition]:
         return list(self._partitions)

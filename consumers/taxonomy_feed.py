@@ -50,9 +50,12 @@ class TaxonomyFeed:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._assigned = False
+        self._catch_up_timeout_s = 15.0
+        self._waiting_logged = False
 
     def start(self, catch_up_timeout_s: float = 15.0) -> None:
-        self._catch_up(catch_up_timeout_s)
+        self._catch_up_timeout_s = catch_up_timeout_s
+        self._catch_up()
         self._thread = threading.Thread(target=self._follow, name="taxonomy-feed", daemon=True)
         self._thread.start()
 
@@ -64,20 +67,26 @@ class TaxonomyFeed:
         if self._thread is None or not self._thread.is_alive():
             self.consumer.close()
 
-    # -- start-up --------------------------------------------------------------
+    # -- catching up -------------------------------------------------------------
 
-    def _catch_up(self, timeout_s: float) -> None:
-        """Apply the latest document per name already on the topic, best effort within the timeout."""
+    def _catch_up(self) -> bool:
+        """Apply the latest document per name already on the topic; False while the topic does not exist.
+
+        Runs at start-up and again if the topic only appears later, so an old
+        version of a name is never applied on the way to its latest one.
+        """
         try:
             if not self._assign():
-                return
-            latest = self._read_backlog(time.monotonic() + timeout_s)
+                return False
+            latest = self._read_backlog(time.monotonic() + self._catch_up_timeout_s)
         except KafkaError as exc:
             log.warning("taxonomy_feed_error", topic=self.topic, error=str(exc), phase="catch_up")
-            return
+            self._assigned = False
+            return False
         for name, value in latest.items():
             self._apply(name, value)
         log.info("taxonomy_feed_caught_up", topic=self.topic, documents=len(latest))
+        return True
 
     def _read_backlog(self, deadline: float) -> dict[str, bytes | None]:
         # Without compaction (or before it runs) a name can appear many times:
@@ -101,7 +110,7 @@ class TaxonomyFeed:
                 self._stop.wait(self.retry_s)
 
     def _follow_once(self) -> None:
-        if not self._assigned and not self._assign():
+        if not self._assigned and not self._catch_up():
             self._stop.wait(self.retry_s)
             return
         for records in self.consumer.poll(timeout_ms=_POLL_TIMEOUT_MS).values():
@@ -111,7 +120,9 @@ class TaxonomyFeed:
     def _assign(self) -> bool:
         partitions = self.consumer.partitions_for_topic(self.topic)
         if not partitions:
-            log.info("taxonomy_feed_waiting", topic=self.topic, reason="topic not found")
+            if not self._waiting_logged:  # once, not every retry
+                log.info("taxonomy_feed_waiting", topic=self.topic, reason="topic not found")
+                self._waiting_logged = True
             return False
         assignment = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self.consumer.assign(assignment)

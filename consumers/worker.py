@@ -19,7 +19,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from consumers.checkpoint import Checkpoint
-from consumers.circuit_breaker import DeadLetterGate
+from consumers.circuit_breaker import CircuitOpenError, DeadLetterGate
 from consumers.intake import parse_request
 from consumers.offsets import OffsetTracker
 from consumers.publisher import OutputPublisher
@@ -77,6 +77,10 @@ class Worker:
         self._publish_failing_since: float | None = None
         self._publish_attempts = 0
         self._next_publish_at = 0.0
+        # Inputs admitted whose outcome the poll thread has not collected yet.
+        self._outstanding = 0
+        # Set where raising is not possible (inside a rebalance callback); raised by the poll loop.
+        self._fatal: PublishError | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -84,7 +88,11 @@ class Worker:
         self._stop.set()
 
     def run(self) -> bool:
-        """Consume until stopped. True if everything in flight was committed."""
+        """Consume until stopped. True if everything in flight was committed.
+
+        Raises CircuitOpenError when the dead-letter breaker trips, and
+        PublishError when outputs cannot be published within the budget.
+        """
         self.consumer.subscribe([self.settings.topics.requests], listener=_Rebalance(self))
         inference = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
         inference.start()
@@ -94,6 +102,7 @@ class Worker:
             while not self._stop.is_set():
                 self._poll_once()
                 self._checkpoint_if_due()
+                self._raise_if_failed()
             return self._drain(self.settings.worker.drain_timeout_s)
         finally:
             self._halt.set()
@@ -105,18 +114,43 @@ class Worker:
         log.info("draining", in_flight=self.tracker.in_flight_count(), timeout_s=timeout_s)
         self._pause_all()
         deadline = time.monotonic() + timeout_s
-        while self.tracker.in_flight_count() and time.monotonic() < deadline:
+        while self.tracker.in_flight_count() and time.monotonic() < deadline and not self.gate.tripped:
             self.consumer.poll(timeout_ms=50, max_records=1)
             self._checkpoint(force=True, release_held=True)
+            self._raise_if_failed()
         self._checkpoint(force=True, release_held=True)
+        self._raise_if_failed()
         abandoned = self.tracker.in_flight_count()
         log.info("drained", abandoned=abandoned)
         return abandoned == 0
 
+    def _raise_if_failed(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        if self.gate.tripped:
+            self._finish_before_open_circuit()
+
+    def _finish_before_open_circuit(self) -> None:
+        """Commit the good work that came before the poison (bounded by the drain timeout), then stop.
+
+        The gate lets through only outcomes below the first held dead letter
+        of their partition, so nothing past the last good message is committed.
+        """
+        reason = self.gate.trip_reason or "circuit open"
+        log.warning("circuit_opening", reason=reason, waiting=self._outstanding, held=self.gate.held_count())
+        self._pause_all()
+        deadline = time.monotonic() + self.settings.worker.drain_timeout_s
+        while self._outstanding and time.monotonic() < deadline and self._fatal is None:
+            self.consumer.poll(timeout_ms=50, max_records=1)
+            self._checkpoint(force=True)
+        self._checkpoint(force=True)
+        raise CircuitOpenError(reason)
+
     # -- the poll thread ----------------------------------------------------
 
     def _poll_once(self) -> None:
-        capacity = self.settings.worker.max_in_flight - self.tracker.in_flight_count()
+        # Read-but-uncommitted, not merely unfinished: that is what a crash reprocesses.
+        capacity = self.settings.worker.max_in_flight - self.tracker.uncommitted_count()
         self._apply_backpressure(capacity)
         timeout_ms = self.settings.worker.poll_timeout_ms
         # max_records bounds what one poll admits, so in-flight work never exceeds the limit.
@@ -128,6 +162,7 @@ class Worker:
 
     def _admit(self, record: ConsumerRecord) -> None:
         metrics.REQUESTS_CONSUMED.inc()
+        self._outstanding += 1
         ticket = self.tracker.start(TopicPartition(record.topic, record.partition), record.offset)
         item = WorkItem(
             ticket=ticket,
@@ -169,12 +204,19 @@ class Worker:
             self._checkpoint(force=False)
 
     def _checkpoint(self, force: bool, release_held: bool = False) -> None:
-        """Hand finished outcomes to the Checkpoint; keep them for later if the broker is unreachable."""
+        """Hand finished outcomes to the Checkpoint; keep them for later if the broker is unreachable.
+
+        Never raises: it also runs inside rebalance callbacks, where kafka-python
+        would swallow the exception. Failures are left in `_fatal` for the poll loop.
+        """
         self._last_commit = time.monotonic()
         self._unpublished.extend(self.gate.admit(self._take_done()))
         if release_held:
             self._unpublished.extend(self.gate.release_all())
-        if not (self._unpublished or force) or time.monotonic() < self._next_publish_at:
+        # A commit that failed (rebalance, broker away) is retried even with no new outcomes:
+        # otherwise a paused worker would wait forever for outcomes that only the commit unblocks.
+        pending = self._unpublished or force or self.tracker.committable()
+        if not pending or time.monotonic() < self._next_publish_at or self._fatal:
             return
         outcomes, self._unpublished = self._unpublished, []
         try:
@@ -190,8 +232,10 @@ class Worker:
         now = time.monotonic()
         self._publish_failing_since = self._publish_failing_since or now
         self._publish_attempts += 1
-        if now - self._publish_failing_since > self.settings.retry.publish_budget_s:
-            raise PublishError(f"outputs could not be published for {self.settings.retry.publish_budget_s:.0f}s: {exc}")
+        budget = self.settings.retry.publish_budget_s
+        if not exc.retryable or now - self._publish_failing_since > budget:
+            self._fatal = PublishError(f"outputs could not be published (budget {budget:.0f}s): {exc.message}")
+            return
         delay = backoff_seconds(self._publish_attempts, self.settings.retry)
         self._next_publish_at = now + delay
         log.warning("publish_retry", error=str(exc), attempt=self._publish_attempts, backoff_s=round(delay, 3),
@@ -203,6 +247,7 @@ class Worker:
             try:
                 outcomes.append(self._done.get_nowait())
             except queue.Empty:
+                self._outstanding -= len(outcomes)
                 return outcomes
 
     # -- rebalance callbacks (run inside poll, on the poll thread) ------------

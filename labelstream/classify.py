@@ -79,8 +79,11 @@ def _as_dict(result: ClassifyResult) -> dict[str, object]:
     if result.error:
         return {"image": result.image, "error": result.error.as_dict()}
     assert result.labels is not None
+    selected = result.labels.selected
     return {
         "image": result.image,
         "taxonomy": result.labels.taxonomy.model_dump(),
         "labels": [{"label": label, "score": score} for label, score in result.labels.labels],
+        "mode": "single_label" if selected is None else "multi_label",
+        "selected": None if selected is None else [{"label": label, "score": score} for label, score in selected],
     }

@@ -54,6 +54,8 @@ def _list_s3(client, bucket: str, key_or_prefix: str) -> Iterator[tuple[str, str
     found = False
     for page in paginator.paginate(Bucket=bucket, Prefix=key_or_prefix):
         for obj in page.get("Contents", []):
+            if obj["Key"].endswith("/"):
+                continue  # a console-created "folder" marker, not an object to label
             found = True
             yield bucket, obj["Key"]
     if not found:
@@ -63,7 +65,8 @@ def _list_s3(client, bucket: str, key_or_prefix: str) -> Iterator[tuple[str, str
 def _upload(client, path: Path, bucket: str, prefix: str) -> Iterator[tuple[str, str]]:  # type: ignore[no-untyped-def]
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES) if path.is_dir() else [path]
     for file in tqdm(files, desc="upload", unit="img", disable=len(files) < 2):
-        key = f"{prefix}{file.name}"
+        # Keep the folder structure: day1/IMG_0001.jpg and day2/IMG_0001.jpg are different photos.
+        key = f"{prefix}{file.relative_to(path).as_posix() if path.is_dir() else file.name}"
         client.upload_file(str(file), bucket, key)
         yield bucket, key
 

@@ -1,4 +1,11 @@
-"""`labelstream run`: assemble the worker from settings and run it until told to stop."""
+"""`labelstream run`: assemble the worker from settings and run it until told to stop.
+
+Exit codes: 0 stopped with everything in flight committed; 1 the drain timeout
+abandoned work (it is read again after a restart); 3 the dead-letter circuit
+breaker opened; 4 outputs could not be published within the publish budget,
+or the transactional producer was fenced; 143 (128 + SIGTERM) a second
+signal forced an immediate exit.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 import structlog
+from kafka import KafkaProducer
 
 from consumers.circuit_breaker import CircuitOpenError
 from consumers.kafka_clients import build_consumer, build_producer, build_transactional_producer
@@ -17,10 +25,16 @@ from consumers.publisher import OutputPublisher
 from consumers.worker import Worker
 from labelstream.logs import configure_logging
 from pipeline.config import Settings, load_settings
+from pipeline.errors import PublishError
 from pipeline.fetch import ImageFetcher
 from pipeline.labeler import build_labeler
 
 log = structlog.get_logger("labelstream.run")
+
+EXIT_DRAINED = 0
+EXIT_ABANDONED = 1
+EXIT_CIRCUIT_OPEN = 3
+EXIT_PUBLISH_FAILED = 4
 
 
 def run_worker(config_file: Path | None) -> int:
@@ -30,8 +44,9 @@ def run_worker(config_file: Path | None) -> int:
     labeler = build_labeler(settings)
     log.info("model_ready", model=labeler.model.ref.model_dump(), device=str(labeler.model.device),
              load_seconds=round(labeler.model.load_seconds, 2), taxonomies=labeler.registry.names())
-    producer = build_producer(settings.kafka)
-    publisher = OutputPublisher(producer, settings.topics, labeler.model.ref, settings.kafka.produce_timeout_s)
+    producer = output_producer(settings)
+    publisher = OutputPublisher(producer, settings.topics, labeler.model.ref, settings.kafka.produce_timeout_s,
+                                settings.kafka.group_id)
     consumer = build_consumer(settings.kafka)
     worker = Worker(settings, labeler, ImageFetcher(settings.s3, settings.fetch), consumer, publisher)
     _install_signal_handlers(worker)
@@ -40,13 +55,39 @@ def run_worker(config_file: Path | None) -> int:
 
     taxonomy_updates = start_taxonomy_updates(settings, labeler)
     try:
-        worker.run()
+        code = _run_until_stopped(worker)
     finally:
         taxonomy_updates.stop()
         consumer.close(autocommit=False)
         producer.close(timeout=settings.kafka.produce_timeout_s)
-    log.info("stopped")
-    return 0
+    log.info("stopped", exit_code=code)
+    return code
+
+
+def _run_until_stopped(worker: Worker) -> int:
+    try:
+        drained = worker.run()
+    except CircuitOpenError as exc:
+        # The held dead letters and everything after them stay uncommitted:
+        # once the deploy is fixed, a restart reads them again.
+        log.error("circuit_open", reason=exc.message, exit_code=EXIT_CIRCUIT_OPEN)
+        return EXIT_CIRCUIT_OPEN
+    except PublishError as exc:
+        log.error("publish_failed", error=exc.message, exit_code=EXIT_PUBLISH_FAILED)
+        return EXIT_PUBLISH_FAILED
+    return EXIT_DRAINED if drained else EXIT_ABANDONED
+
+
+def output_producer(settings: Settings) -> KafkaProducer:
+    """A plain producer, or a transactional one for exactly-once delivery."""
+    if settings.delivery != "exactly_once":
+        return build_producer(settings.kafka)
+    transactional_id = settings.kafka.transactional_id or f"{settings.kafka.group_id}-{socket.gethostname()}"
+    producer = build_transactional_producer(settings.kafka, transactional_id)
+    # Fences a crashed predecessor with the same id and aborts its open transaction.
+    producer.init_transactions()
+    log.info("transactions_ready", transactional_id=transactional_id)
+    return producer
 
 
 def _install_signal_handlers(worker: Worker) -> None:
@@ -59,7 +100,7 @@ def _install_signal_handlers(worker: Worker) -> None:
             worker.request_stop()
             return
         # A second signal means "now": leave without committing unfinished work.
-        log.warning("forced_exit", signal=signal.Signals(signum).name)
+        log.warning("forced_exit", signal=signal.Signals(signum).name, exit_code=128 + signum)
         sys.stderr.flush()
         os._exit(128 + signum)
 

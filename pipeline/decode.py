@@ -15,6 +15,9 @@ The rules, in the order they are applied:
   untouched) also runs inside `Image.open`; its DecompressionBombError (and its
   warning, where warnings are configured as errors) map to
   `image.decompression_bomb` too. A side shorter than `min_side` -> `image.too_small`.
+  A long side over `MAX_ASPECT_RATIO` times the short side ->
+  `image.extreme_aspect_ratio`: the model's resize scales the SHORT side up to
+  its input size, so a tiny 1x100000 strip would become a multi-GB image there.
 * Decoding errors: data that runs out ("image file is truncated") ->
   `image.truncated`; anything else Pillow raises on malformed data, including
   "broken data stream" (the decoder rejected bytes that were there) and
@@ -57,6 +60,9 @@ _CORRUPT_ERRORS = (ValueError, struct.error, IndexError, SyntaxError, OSError, z
 # Pillow says "image file is truncated" when the data runs out. Its "broken data
 # stream" means the decoder rejected bytes that were there: corrupt, not short.
 _TRUNCATION_HINTS = ("truncated",)
+# Far beyond panoramas (~12:1) and full-page screenshots (~25:1). Preprocessing
+# to a 320 px input costs about 320 * 320 * ratio * 3 bytes, here 31 MB at most.
+MAX_ASPECT_RATIO = 100
 
 
 def decode_image(data: bytes, settings: ImageSettings, *, draft_size: int | None = None) -> Image.Image:
@@ -160,6 +166,11 @@ def _check_declared_size(size: tuple[int, int], settings: ImageSettings) -> None
         )
     if min(width, height) < settings.min_side:
         raise ImageError(f"image is {width}x{height}, a side is under {settings.min_side}px", code="image.too_small")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(
+            f"image is {width}x{height}, a side is over {MAX_ASPECT_RATIO} times the other",
+            code="image.extreme_aspect_ratio",
+        )
 
 
 def _request_draft(im: Image.Image, size: int) -> None:

@@ -34,3 +34,8 @@ TAXONOMY_UPDATES = Counter(
     "Taxonomy updates by origin (file, kafka) and outcome (loaded, unchanged, rejected, removed)",
     ["origin", "outcome"],
 )
+
+# Content-hash dedupe (pipeline/dedupe.py): hit rate = hits / (hits + misses).
+DEDUPE_HITS = Counter("labelstream_dedupe_hits_total", "Images found in the content-hash cache (decode and model skipped)")
+DEDUPE_MISSES = Counter("labelstream_dedupe_misses_total", "Images not in the content-hash cache")
+DEDUPE_ENTRIES = Gauge("labelstream_dedupe_entries", "Images held in the content-hash cache")

@@ -45,6 +45,13 @@ class LoadedModel:
     precision: str
     source: ModelSource
     load_seconds: float
+    # Batches are padded up to the next of these sizes; see ModelSettings.batch_shapes.
+    batch_shapes: tuple[int, ...] = ()
+    # Effective GPU options: always False on a CPU (see gpu_options).
+    pin_memory: bool = False
+    channels_last: bool = False
+    # The torch.compile'd image encoder, when model.compile is on and CUDA exists.
+    compiled_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def ref(self) -> ModelRef:
@@ -66,14 +73,42 @@ class LoadedModel:
             yield
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image features, float32 on the CPU."""
+        """L2-normalised image features, float32 on the CPU, one row per input row.
+
+        With `batch_shapes`, the batch runs padded to a configured size (in
+        chunks of the largest size when it is bigger) and the padding is cut off.
+        """
         try:
             with self._inference():
-                features = self.model.encode_image(pixels.to(self.device, non_blocking=True))
-                features = torch.nn.functional.normalize(features.float(), dim=-1)
+                parts = [self._encode_padded(chunk) for chunk in split_for_shapes(pixels, self.batch_shapes)]
         except (RuntimeError, ValueError) as exc:
             raise InferenceError(f"image encoder failed on a batch of {len(pixels)}: {exc}") from exc
-        return features.cpu()
+        return torch.cat(parts).cpu()
+
+    def warm_up(self) -> float:
+        """Run every batch shape once on CUDA, so compiling happens before consuming starts; seconds taken."""
+        if self.device.type != "cuda" or not self.batch_shapes:
+            return 0.0
+        started = time.perf_counter()
+        side = input_side(self.preprocess_cfg)
+        for shape in self.batch_shapes:
+            self.encode_images(torch.zeros(shape, 3, side, side))
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
+    def _encode_padded(self, chunk: torch.Tensor) -> torch.Tensor:
+        padded = pad_batch(chunk, shape_for(len(chunk), self.batch_shapes))
+        encoder = self.compiled_encoder or self.model.encode_image
+        features = encoder(self._to_device(padded))[: len(chunk)]
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return batch.to(self.device)
+        if self.pin_memory:
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, non_blocking=self.pin_memory)
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised text features, float32 on the CPU."""
@@ -170,6 +205,9 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         raise ConfigError(f"cannot load model {settings.name} ({settings.pretrained}): {exc}", code="model.load_failed") from exc
     model.eval()
     tokenizer = open_clip.get_tokenizer(source.open_clip_name)
+    options = gpu_options(settings, device)
+    if options.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return LoadedModel(
         model=model,
         preprocess=preprocess,
@@ -179,4 +217,51 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         precision=settings.precision,
         source=source,
         load_seconds=time.perf_counter() - started,
+        batch_shapes=settings.batch_shapes,
+        pin_memory=options.pin_memory,
+        channels_last=options.channels_last,
+        compiled_encoder=torch.compile(model.encode_image) if options.compile else None,
     )
+
+
+@dataclass(frozen=True)
+class GpuOptions:
+    pin_memory: bool
+    channels_last: bool
+    compile: bool
+
+
+def gpu_options(settings: ModelSettings, device: torch.device) -> GpuOptions:
+    """The GPU settings that apply on `device`: none of them on a CPU."""
+    on_cuda = device.type == "cuda"
+    return GpuOptions(
+        pin_memory=on_cuda and settings.pin_memory,
+        channels_last=on_cuda and settings.channels_last,
+        compile=on_cuda and settings.compile,
+    )
+
+
+def shape_for(count: int, shapes: tuple[int, ...]) -> int:
+    """The smallest configured batch shape that holds `count` items; `count` itself when none does."""
+    return next((shape for shape in sorted(shapes) if shape >= count), count)
+
+
+def split_for_shapes(pixels: torch.Tensor, shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Chunks of at most the largest shape, so no chunk runs at an unconfigured size but the last."""
+    if not shapes or len(pixels) <= max(shapes):
+        return [pixels]
+    return list(torch.split(pixels, max(shapes)))
+
+
+def pad_batch(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """`pixels` with zero images appended up to `size` rows."""
+    missing = size - len(pixels)
+    if missing <= 0:
+        return pixels
+    return torch.cat([pixels, pixels.new_zeros((missing, *pixels.shape[1:]))])
+
+
+def input_side(preprocess_cfg: dict[str, Any]) -> int:
+    """The model's square input side, from open_clip's preprocess config (`size` is an int or (h, w))."""
+    size = preprocess_cfg.get("size", 224)
+    return int(max(size) if isinstance(size, (tuple, list)) else size)

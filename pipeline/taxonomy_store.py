@@ -58,11 +58,12 @@ def find_configured(settings: TaxonomySettings, name: str) -> Taxonomy:
     """One configured taxonomy by name (the built-in ImageNet one is always findable)."""
     if name == BUILTIN_IMAGENET:
         return imagenet_taxonomy()
-    for path in configured_files(settings):
-        taxonomy = load_taxonomy(path)
+    taxonomies = [load_taxonomy(path) for path in configured_files(settings)]
+    for taxonomy in taxonomies:
         if taxonomy.name == name:
             return taxonomy
-    raise TaxonomyError(f"no configured taxonomy is named {name!r}", code="taxonomy.unknown")
+    known = _names(taxonomies) + [BUILTIN_IMAGENET]
+    raise TaxonomyError(f"no configured taxonomy is named {name!r}; known: {known}", code="taxonomy.unknown")
 
 
 def _names(taxonomies: list[Taxonomy]) -> list[str]:

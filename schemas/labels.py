@@ -62,3 +62,6 @@ class LabelRecord(BaseModel):
     selected: list[LabelScore] | None = None
     source: SourceRef | None
     timings_ms: Timings
+    # True when a byte-identical image was labelled before and this record
+    # reuses its embedding (decode and model skipped; see pipeline/dedupe.py).
+    cache_hit: bool = False

@@ -11,14 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from schemas.requests import Request
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBMIT_TIMEOUT_S = 120
-IDLE_GAP_S = 2.0
+IDLE_GAP_S = 1.0
 
 
 def run_submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -28,21 +28,32 @@ def run_submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
     )
 
 
-def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0) -> list[ConsumerRecord]:
-    """Read until `expected` records, then until nothing new arrives (end_offsets cannot be trusted on Tansu)."""
-    reader = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 20.0) -> list[ConsumerRecord]:
+    """Every record on `topic`.
+
+    Tansu's end offsets are only a lower bound (the last batch's base + 1), so
+    read at least that far, then until nothing new arrives for IDLE_GAP_S.
+    """
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
                            enable_auto_commit=False)
-    records: list[ConsumerRecord] = []
-    deadline = time.monotonic() + timeout_s
-    last_new = time.monotonic()
     try:
-        while time.monotonic() < deadline and (len(records) < expected or time.monotonic() - last_new < IDLE_GAP_S):
-            for batch in reader.poll(timeout_ms=300).values():
+        partitions = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
+        reader.assign(partitions)
+        reader.seek_to_beginning()
+        at_least = reader.end_offsets(partitions)
+        records: list[ConsumerRecord] = []
+        deadline = time.monotonic() + timeout_s
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            for batch in reader.poll(timeout_ms=200).values():
                 records += batch
                 last_new = time.monotonic()
+            caught_up = all(reader.position(tp) >= end for tp, end in at_least.items())
+            if caught_up and time.monotonic() - last_new >= IDLE_GAP_S:
+                return records
     finally:
         reader.close()
-    return records
+    raise AssertionError(f"could not read {topic} to its end within {timeout_s:.0f}s")
 
 
 def requests_in(records: list[ConsumerRecord]) -> list[Request]:
@@ -78,7 +89,7 @@ def test_submit_uploads_local_files_and_directories_then_produces_requests(
 
     assert result.returncode == 0, result.stderr
     assert f"submitted 4 requests to {topic}" in result.stdout
-    requests = requests_in(read_topic(broker.bootstrap, topic, expected=4))
+    requests = requests_in(read_topic(broker.bootstrap, topic))
     assert sorted(r.image.s3.key for r in requests if r.image.s3) == sorted(f"up/{name}" for name in local)
     for request in requests:
         s3 = request.image.s3
@@ -89,6 +100,32 @@ def test_submit_uploads_local_files_and_directories_then_produces_requests(
         assert object_bytes(s3_client, bucket, s3.key) == local[s3.key.removeprefix("up/")].read_bytes()
     uploaded = s3_client.list_objects_v2(Bucket=bucket)["Contents"]
     assert sorted(o["Key"] for o in uploaded) == sorted(f"up/{name}" for name in local)
+
+
+def test_submit_directory_tree_keeps_files_with_the_same_name_apart(
+    broker: Any,
+    s3_client: Any,
+    new_bucket: Callable[[], str],
+    new_topic: Callable[..., str],
+    worker_env: Callable[..., dict[str, str]],
+    sample_photos: list[Path],
+    tmp_path: Path,
+) -> None:
+    """Cameras name files IMG_0001.jpg in every folder; one upload must not overwrite another."""
+    topic, bucket = new_topic(1), new_bucket()
+    sources = {}
+    for folder, photo in (("day1", sample_photos[0]), ("day2", sample_photos[1])):
+        (tmp_path / "trip" / folder).mkdir(parents=True)
+        sources[folder] = tmp_path / "trip" / folder / "IMG_0001.jpg"
+        shutil.copyfile(photo, sources[folder])
+
+    result = run_submit(worker_env(LABELSTREAM_TOPICS__REQUESTS=topic), str(tmp_path / "trip"), "--bucket", bucket)
+
+    assert result.returncode == 0, result.stderr
+    requests = requests_in(read_topic(broker.bootstrap, topic))
+    assert len({r.id for r in requests}) == 2, f"duplicate request ids: {[r.id for r in requests]}"
+    uploaded = {r.image.s3.key: object_bytes(s3_client, bucket, r.image.s3.key) for r in requests if r.image.s3}
+    assert sorted(uploaded.values()) == sorted(path.read_bytes() for path in sources.values())
 
 
 def test_submit_s3_prefix_references_only_existing_keys_under_it(
@@ -109,7 +146,7 @@ def test_submit_s3_prefix_references_only_existing_keys_under_it(
 
     assert result.returncode == 0, result.stderr
     assert f"submitted {len(inside)} requests to {topic}" in result.stdout
-    requests = requests_in(read_topic(broker.bootstrap, topic, expected=len(inside)))
+    requests = requests_in(read_topic(broker.bootstrap, topic))
     assert sorted((r.image.s3.bucket, r.image.s3.key) for r in requests if r.image.s3) == [(bucket, k) for k in inside]
     assert all(r.taxonomy is None for r in requests)
     # Referencing keys must not upload or rewrite anything.
@@ -133,4 +170,4 @@ def test_submit_s3_uri_without_objects_fails_clearly_and_produces_nothing(
     assert result.returncode != 0
     assert uri in result.stderr and "no objects" in result.stderr
     assert "Traceback" not in result.stderr
-    assert read_topic(broker.bootstrap, topic, expected=0) == []
+    assert read_topic(broker.bootstrap, topic) == []

@@ -14,13 +14,16 @@ import numpy as np
 import pytest
 import structlog
 import torch
+from kafka import KafkaProducer
 from prometheus_client import REGISTRY
 
+from consumers.taxonomy_feed import TaxonomyFeed, build_feed_consumer
 from labelstream.cli import main as cli_main
+from labelstream.embedded import create_topic
 from pipeline import classifier_cache, taxonomy_reload
 from pipeline.classifier import build_classifier
 from pipeline.classifier_cache import ClassifierCache, load_or_build
-from pipeline.config import ImageSettings, ModelSettings, Settings, TaxonomySettings
+from pipeline.config import ImageSettings, KafkaSettings, ModelSettings, Settings, TaxonomySettings
 from pipeline.errors import ConfigError, TaxonomyError
 from pipeline.labeler import Labeler, build_labeler
 from pipeline.model import LoadedModel, load_model
@@ -491,3 +494,63 @@ def test_show_prints_version_prompts_and_cache_state(
     assert cli_main(["taxonomy", "show", "animals"]) == 0
     text = capsys.readouterr().out
     assert f"version:   {shown['version']}" in text and "cached:    yes" in text
+
+
+# -- the taxonomies topic -----------------------------------------------------------------------
+
+
+class RecordingReloader:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | None]] = []
+
+    def apply_document(self, name: str, text: str, source: str = "kafka") -> bool:
+        self.calls.append((name, text))
+        return True
+
+    def remove_document(self, name: str) -> bool:
+        self.calls.append((name, None))
+        return True
+
+
+def test_the_feed_catches_up_with_the_latest_document_per_name_then_follows(
+    broker: Any, new_topic: Any
+) -> None:
+    topic = new_topic(1)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    for key, value in [("scenes", b"v1"), ("animals", b"a1"), ("scenes", b"v2"), ("animals", None)]:
+        producer.send(topic, key=key.encode(), value=value).get(timeout=30)
+    reloader = RecordingReloader()
+    feed = TaxonomyFeed(build_feed_consumer(KafkaSettings(bootstrap_servers=broker.bootstrap)), topic, reloader)  # type: ignore[arg-type]
+    feed.start(catch_up_timeout_s=10)
+    try:
+        # Only the last document per name, before start() returns: older versions are never applied.
+        assert sorted(reloader.calls, key=str) == sorted([("scenes", "v2"), ("animals", None)], key=str)
+        producer.send(topic, key=b"scenes", value=b"v3").get(timeout=30)
+        for _ in range(100):
+            if ("scenes", "v3") in reloader.calls:
+                break
+            threading.Event().wait(0.1)
+        assert reloader.calls[-1] == ("scenes", "v3") and len(reloader.calls) == 3
+    finally:
+        producer.close()
+        feed.stop()
+
+
+def test_the_feed_waits_for_a_topic_that_does_not_exist_yet(broker: Any, unique_id: str) -> None:
+    topic = f"ls-test-late-{unique_id}"
+    reloader = RecordingReloader()
+    feed = TaxonomyFeed(build_feed_consumer(KafkaSettings(bootstrap_servers=broker.bootstrap)), topic, reloader, retry_s=0.2)  # type: ignore[arg-type]
+    feed.start(catch_up_timeout_s=5)
+    try:
+        assert reloader.calls == []
+        create_topic(broker.bootstrap, topic, 1)
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+        producer.send(topic, key=b"scenes", value=b"late").get(timeout=30)
+        producer.close()
+        for _ in range(100):
+            if reloader.calls:
+                break
+            threading.Event().wait(0.1)
+        assert reloader.calls == [("scenes", "late")]
+    finally:
+        feed.stop()

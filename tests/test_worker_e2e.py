@@ -28,6 +28,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from PIL import Image
 
+from schemas.deadletter import DeadLetterHeaders
 from schemas.embeddings import EmbeddingRecord
 from schemas.labels import LabelRecord
 
@@ -42,7 +43,9 @@ LABELS_TIMEOUT_S = 120.0
 COMMIT_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
 SECOND_RUN_S = 10.0
-IDLE_GAP_S = 2.0
+IDLE_GAP_S = 1.0
+# The worker's log event for an input that ends without labels ("dead_lettered" since the DLQ landed).
+REJECTION_EVENTS = ("rejected", "dead_lettered")
 
 
 # -- the worker subprocess ----------------------------------------------------
@@ -77,9 +80,12 @@ class WorkerProcess:
             matching = [e for e in self.events_named(name) if accept(e)]
             if matching:
                 return matching[0]
-            assert self.proc.poll() is None, f"worker exited {self.proc.returncode} early:\n{self.tail()}"
+            self.assert_alive()
             time.sleep(0.2)
         raise AssertionError(f"no {name!r} log line within {timeout_s:.0f}s:\n{self.tail()}")
+
+    def assert_alive(self) -> None:
+        assert self.proc.poll() is None, f"worker exited {self.proc.returncode} early:\n{self.tail()}"
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM, then wait; the exit code, or an assertion error if it hangs."""
@@ -144,10 +150,13 @@ def committed_offsets(bootstrap: str, group: str) -> dict[TopicPartition, int]:
     return {tp: meta.offset for tp, meta in answer.items() if meta.offset >= 0}
 
 
-def wait_for_commits(bootstrap: str, group: str, expected: dict[TopicPartition, int], timeout_s: float) -> None:
+def wait_for_commits(
+    bootstrap: str, group: str, expected: dict[TopicPartition, int], timeout_s: float, worker: WorkerProcess
+) -> None:
     deadline = time.monotonic() + timeout_s
     seen: dict[TopicPartition, int] = {}
     while time.monotonic() < deadline:
+        worker.assert_alive()
         seen = committed_offsets(bootstrap, group)
         if all(seen.get(tp) == end for tp, end in expected.items()):
             return
@@ -156,37 +165,53 @@ def wait_for_commits(bootstrap: str, group: str, expected: dict[TopicPartition, 
 
 
 def topic_reader(bootstrap: str, *topics: str) -> KafkaConsumer:
-    """A group-less reader from the beginning: it commits nothing and joins no group."""
-    return KafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                         enable_auto_commit=False)
+    """A group-less reader of every partition from the beginning: it joins no group and commits nothing."""
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+                           enable_auto_commit=False)
+    partitions = [TopicPartition(t, p) for t in topics for p in sorted(reader.partitions_for_topic(t))]
+    assert len(partitions) >= len(topics), f"no partitions found for {topics}"
+    reader.assign(partitions)
+    reader.seek_to_beginning()
+    return reader
 
 
-def read_until(reader: KafkaConsumer, done: Callable[[list[ConsumerRecord]], bool], timeout_s: float
-               ) -> list[ConsumerRecord]:
+def read_until(
+    reader: KafkaConsumer, done: Callable[[list[ConsumerRecord]], bool], timeout_s: float, worker: WorkerProcess
+) -> list[ConsumerRecord]:
+    """Read until `done`; fails at once if the worker dies, since nothing more would come."""
     records: list[ConsumerRecord] = []
     deadline = time.monotonic() + timeout_s
     while not done(records) and time.monotonic() < deadline:
+        worker.assert_alive()
         for batch in reader.poll(timeout_ms=300).values():
             records += batch
     return records
 
 
-def read_until_idle(reader: KafkaConsumer, timeout_s: float = 20.0) -> list[ConsumerRecord]:
-    """Everything more, until nothing new has arrived for IDLE_GAP_S (end_offsets cannot be trusted)."""
+def read_to_end(reader: KafkaConsumer, timeout_s: float = 20.0) -> list[ConsumerRecord]:
+    """Everything left to read.
+
+    Tansu's end offsets are only a lower bound (the last batch's base + 1), so
+    read at least that far, then until nothing new arrives for IDLE_GAP_S.
+    """
+    at_least = reader.end_offsets(list(reader.assignment()))
     records: list[ConsumerRecord] = []
     deadline = time.monotonic() + timeout_s
     last_new = time.monotonic()
-    while time.monotonic() - last_new < IDLE_GAP_S and time.monotonic() < deadline:
-        for batch in reader.poll(timeout_ms=300).values():
+    while time.monotonic() < deadline:
+        for batch in reader.poll(timeout_ms=200).values():
             records += batch
             last_new = time.monotonic()
-    return records
+        caught_up = all(reader.position(tp) >= end for tp, end in at_least.items())
+        if caught_up and time.monotonic() - last_new >= IDLE_GAP_S:
+            return records
+    raise AssertionError(f"could not read to the end of {sorted(at_least)} within {timeout_s:.0f}s")
 
 
 def count_records(bootstrap: str, *topics: str) -> Counter[str]:
     reader = topic_reader(bootstrap, *topics)
     try:
-        return Counter(record.topic for record in read_until_idle(reader))
+        return Counter(record.topic for record in read_to_end(reader))
     finally:
         reader.close()
 
@@ -286,6 +311,7 @@ def test_worker_labels_every_request_once_commits_and_a_restart_reprocesses_noth
     tmp_path: Path,
 ) -> None:
     requests_topic, labels_topic, embeddings_topic = new_topic(PARTITIONS), new_topic(PARTITIONS), new_topic(PARTITIONS)
+    dlq_topic, taxonomies_topic = new_topic(1), new_topic(1)
     group = f"e2e-{unique_id}"
     bucket = new_bucket()
     keys = upload_photos(s3_client, bucket, sample_photos)
@@ -302,6 +328,8 @@ def test_worker_labels_every_request_once_commits_and_a_restart_reprocesses_noth
         LABELSTREAM_TOPICS__REQUESTS=requests_topic,
         LABELSTREAM_TOPICS__LABELS=labels_topic,
         LABELSTREAM_TOPICS__EMBEDDINGS=embeddings_topic,
+        LABELSTREAM_TOPICS__DLQ=dlq_topic,
+        LABELSTREAM_TOPICS__TAXONOMIES=taxonomies_topic,
         LABELSTREAM_KAFKA__GROUP_ID=group,
         LABELSTREAM_TAXONOMY__PATH=str(write_taxonomy(tmp_path)),
     )
@@ -309,10 +337,8 @@ def test_worker_labels_every_request_once_commits_and_a_restart_reprocesses_noth
     first = start_worker(env, tmp_path, "first")
     try:
         outputs = read_until(reader, lambda got: len({(r.topic, r.key) for r in got}) >= 2 * REQUEST_COUNT,
-                             LABELS_TIMEOUT_S)
-        wait_for_commits(broker.bootstrap, group, true_end_offsets(requests_topic, produced), COMMIT_TIMEOUT_S)
-        outputs += read_until_idle(reader)
-        assert first.proc.poll() is None, first.tail()
+                             LABELS_TIMEOUT_S, first)
+        wait_for_commits(broker.bootstrap, group, true_end_offsets(requests_topic, produced), COMMIT_TIMEOUT_S, first)
         assert_clean_stop(first)
     finally:
         first.kill()
@@ -330,11 +356,10 @@ def test_worker_labels_every_request_once_commits_and_a_restart_reprocesses_noth
         assert_label_record(labels_by_id[rid][0], metadata[rid], sources[rid])
         assert_embedding_record(embeddings_by_id[rid][0])
     assert len({d[0]["taxonomy"]["version"] for d in labels_by_id.values()}) == 1
-    labelled_events = first.events_named("labelled")
-    assert len(labelled_events) == REQUEST_COUNT
-    assert not first.events_named("rejected")
+    assert len(first.events_named("labelled")) == REQUEST_COUNT
+    assert not [e for e in first.events() if e.get("event") in REJECTION_EVENTS]
 
-    before = count_records(broker.bootstrap, labels_topic, embeddings_topic)
+    before = count_records(broker.bootstrap, labels_topic, embeddings_topic, dlq_topic)
     assert before == {labels_topic: REQUEST_COUNT, embeddings_topic: REQUEST_COUNT}
     second = start_worker(env, tmp_path, "second")
     try:
@@ -346,7 +371,7 @@ def test_worker_labels_every_request_once_commits_and_a_restart_reprocesses_noth
     finally:
         second.kill()
     assert not second.events_named("labelled"), "the restarted worker reprocessed committed requests"
-    assert count_records(broker.bootstrap, labels_topic, embeddings_topic) == before
+    assert count_records(broker.bootstrap, labels_topic, embeddings_topic, dlq_topic) == before
     assert committed_offsets(broker.bootstrap, group) == true_end_offsets(requests_topic, produced)
 
 
@@ -376,6 +401,20 @@ def invalid_requests(bucket: str, key: str, uid: str) -> list[tuple[bytes | None
     ]
 
 
+def dead_letters_by_offset(bootstrap: str, topic: str) -> dict[int, tuple[DeadLetterHeaders, Any]]:
+    reader = topic_reader(bootstrap, topic)
+    try:
+        records = read_to_end(reader)
+    finally:
+        reader.close()
+    found = {}
+    for record in records:
+        headers = DeadLetterHeaders.from_kafka_headers(list(record.headers))
+        found[headers.original_offset] = (headers, record)
+    assert len(found) == len(records), "one input was dead-lettered more than once"
+    return found
+
+
 @pytest.mark.timeout(300)
 def test_worker_rejects_bad_requests_keeps_labelling_and_takes_yaml_config_under_env(
     broker: Any,
@@ -387,13 +426,16 @@ def test_worker_rejects_bad_requests_keeps_labelling_and_takes_yaml_config_under
     sample_photos: list[Path],
     tmp_path: Path,
 ) -> None:
-    requests_topic, yaml_labels_topic, env_labels_topic, embeddings_topic = (new_topic(1) for _ in range(4))
+    requests_topic, yaml_labels_topic, env_labels_topic, embeddings_topic, dlq_topic, taxonomies_topic = (
+        new_topic(1) for _ in range(6)
+    )
     group = f"e2e-bad-{unique_id}"
     bucket = new_bucket()
     key = upload_photos(s3_client, bucket, sample_photos[:1])[0]
     # Settings come from the YAML file; the environment overrides only topics.labels.
     config = write_worker_config(tmp_path, {
-        "topics": {"requests": requests_topic, "labels": yaml_labels_topic, "embeddings": embeddings_topic},
+        "topics": {"requests": requests_topic, "labels": yaml_labels_topic, "embeddings": embeddings_topic,
+                   "dlq": dlq_topic, "taxonomies": taxonomies_topic},
         "kafka": {"group_id": group},
         "fetch": {"max_inline_bytes": 1000},
         "taxonomy": {"path": str(write_taxonomy(tmp_path))},
@@ -406,25 +448,36 @@ def test_worker_rejects_bad_requests_keeps_labelling_and_takes_yaml_config_under
     interleaved = [value for pair in zip(good_values, [v for v, _ in bad], strict=False) for value in pair]
     interleaved.append(good_values[-1])
     # Keys too: kafka-python refuses a record with neither key nor value (the tombstone).
-    produced = produce(broker.bootstrap, requests_topic, ((0, f"r{i}".encode(), v) for i, v in enumerate(interleaved)))
+    keys = [f"r{i}".encode() for i in range(len(interleaved))]
+    produced = produce(broker.bootstrap, requests_topic, ((0, k, v) for k, v in zip(keys, interleaved, strict=True)))
     bad_offsets = {produced[2 * i + 1].offset: code for i, (_, code) in enumerate(bad)}
+    originals = {p.offset: (k, v) for p, k, v in zip(produced, keys, interleaved, strict=True)}
 
     env = worker_env(LABELSTREAM_TOPICS__LABELS=env_labels_topic)
     reader = topic_reader(broker.bootstrap, env_labels_topic)
     worker = start_worker(env, tmp_path, "bad-requests", config=config)
     try:
-        labels = read_until(reader, lambda got: len(got) >= len(good_ids), LABELS_TIMEOUT_S)
-        wait_for_commits(broker.bootstrap, group, true_end_offsets(requests_topic, produced), COMMIT_TIMEOUT_S)
+        labels = read_until(reader, lambda got: len(got) >= len(good_ids), LABELS_TIMEOUT_S, worker)
+        wait_for_commits(broker.bootstrap, group, true_end_offsets(requests_topic, produced), COMMIT_TIMEOUT_S, worker)
         assert worker.proc.poll() is None, f"worker died on bad input:\n{worker.tail()}"
-        rejected = {e["offset"]: e for e in worker.events_named("rejected")}
         assert_clean_stop(worker)
     finally:
         worker.kill()
         reader.close()
 
+    effective = worker.events_named("starting")[0]["settings"]
+    assert effective["topics"]["labels"] == env_labels_topic
+    assert (effective["topics"]["requests"], effective["fetch"]["max_inline_bytes"]) == (requests_topic, 1000)
     assert sorted(by_id(labels)) == sorted(good_ids)
-    assert {o: rejected.get(o, {}).get("code") for o in bad_offsets} == bad_offsets
-    assert all(e.get("error") and e.get("stage") for e in rejected.values())
     assert len(worker.events_named("labelled")) == len(good_ids)
+    rejected = {e["offset"]: e for e in worker.events() if e.get("event") in REJECTION_EVENTS}
+    assert {o: rejected.get(o, {}).get("code") for o in bad_offsets} == bad_offsets, worker.tail()
+    assert all(e.get("error") and e.get("stage") for e in rejected.values())
+    dead = dead_letters_by_offset(broker.bootstrap, dlq_topic)
+    assert {o: h.error_code for o, (h, _) in dead.items()} == bad_offsets
+    for offset, (headers, record) in dead.items():
+        assert (headers.original_topic, headers.original_partition) == (requests_topic, 0)
+        assert headers.consumer_group == group
+        assert (record.key, record.value) == originals[offset], "dead letters keep the original bytes"
     counts = count_records(broker.bootstrap, yaml_labels_topic, env_labels_topic, embeddings_topic)
     assert counts == {env_labels_topic: len(good_ids), embeddings_topic: len(good_ids)}

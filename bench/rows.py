@@ -1,0 +1,333 @@
+"""The rows of `make bench`, each measured side by side with its baseline in the same run."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from kafka import KafkaProducer
+
+from bench import naive, preprocess_bench
+from bench.corpus import CACHE_DIR, mixed_jpegs, sized_jpegs, tiny_model_files
+from bench.stream import (
+    BATCH_SIZE, Output, Services, Topics, collect_outputs, produce_all, request_for, running_services, running_worker,
+    steady_rate, upload, worker_env,
+)  # fmt: skip
+from bench.table import Row, at_least, at_most
+from pipeline.config import Settings
+from pipeline.labeler import Labeler, build_labeler
+from pipeline.taxonomy import everyday_taxonomy_path
+
+CLASSIFIER_CACHE = CACHE_DIR / "classifiers"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each row does: the full bench, or a seconds-long smoke run."""
+
+    e2e_images: int
+    naive_images: int
+    offline_repeats: int
+    preprocess_images: tuple[int, int]
+    preprocess_seconds: float
+    preprocess_repeats: int
+    drift_mixed_images: int
+    dedupe_messages: int
+    memory_marks: tuple[int, int]
+    latency_seconds: float
+
+
+FULL = Sizes(1200, 200, 2, (12, 6), 2.0, 3, 200, 600, (1_000, 10_000), 30.0)
+QUICK = Sizes(16, 6, 1, (2, 1), 0.1, 2, 2, 12, (10, 100), 3.0)
+
+
+@dataclass(frozen=True)
+class WorkerRun:
+    rate: float
+    noise: float
+    outputs: list[Output]
+
+
+class Bench:
+    """Shared, lazily started state: services, uploaded corpus, the offline labeler, the worker's rate."""
+
+    def __init__(self, sizes: Sizes, quick: bool, stack: ExitStack) -> None:
+        self.sizes, self.quick, self._stack = sizes, quick, stack
+        self._services: Services | None = None
+        self._keys: list[str] = []
+        self._labeler: Labeler | None = None
+        self._worker_run: WorkerRun | None = None
+
+    @property
+    def services(self) -> Services:
+        if self._services is None:
+            self._services = self._stack.enter_context(running_services())
+        return self._services
+
+    def corpus_keys(self) -> list[str]:
+        """The mixed corpus, uploaded to S3 once."""
+        if not self._keys:
+            self._keys = upload(self.services, mixed_jpegs(self.sizes.e2e_images), "mixed")
+        return self._keys
+
+    def env(self, topics: Topics, **extra: str) -> dict[str, str]:
+        return worker_env(self.services, topics, f"bench-{uuid.uuid4().hex[:8]}",
+                          LABELSTREAM_TAXONOMY__CACHE_DIR=str(CLASSIFIER_CACHE), **extra)
+
+    def labeler(self) -> Labeler:
+        """The offline path's engine: the worker's model, taxonomy and batch size."""
+        if self._labeler is None:
+            self._labeler = build_labeler(offline_settings())
+        return self._labeler
+
+    def worker(self) -> WorkerRun:
+        """The worker over the whole mixed corpus (measured once, shared by two rows)."""
+        if self._worker_run is None:
+            self._worker_run = self.stream(self.corpus_keys(), "e2e")
+        return self._worker_run
+
+    def stream(self, keys: list[str], name: str, **extra_env: str) -> WorkerRun:
+        """Put one request per key on fresh topics, then let a fresh worker label them all."""
+        topics = Topics.create(self.services.bootstrap)
+        produce_all(self.services.bootstrap, topics.requests, self.services.bucket, keys)
+        with running_worker(self.env(topics, **extra_env), name) as worker:
+            outputs = collect_outputs(self.services.bootstrap, topics, len(keys), timeout_s=600 + len(keys) / 5,
+                                      worker=worker)
+        rate, noise = steady_rate(outputs)
+        return WorkerRun(rate, noise, outputs)
+
+
+def offline_settings() -> Settings:
+    config, checkpoint = tiny_model_files()
+    return Settings.model_validate({
+        "model": {"name": str(config), "pretrained": str(checkpoint), "device": "cpu"},
+        "taxonomy": {"path": str(everyday_taxonomy_path()), "feed_enabled": False, "watch_interval_s": 0,
+                     "cache_dir": str(CLASSIFIER_CACHE)},
+        "batch": {"max_size": BATCH_SIZE},
+    })
+
+
+# -- e2e_vs_offline -----------------------------------------------------------
+
+
+def e2e_vs_offline(bench: Bench) -> list[Row]:
+    files = [str(path) for path in mixed_jpegs(bench.sizes.e2e_images)]
+    offline = [_offline_rate(bench, files)]
+    run = bench.worker()
+    offline += [_offline_rate(bench, files) for _ in range(bench.sizes.offline_repeats - 1)]
+    offline_rate = statistics.median(offline)
+    noise = run.noise + _spread(offline)
+    ratio = run.rate / offline_rate
+    return [Row(
+        "e2e_vs_offline", f"worker {run.rate:.1f} img/s", f"offline classify {offline_rate:.1f} img/s", ratio, ">= 0.90",
+        noise, _verdict(bench, at_least(ratio, 0.90, noise)),
+        [f"{len(files)} JPEGs, 250x250 to 1920x1080; tiny model, batch {BATCH_SIZE}, fp32, CPU; "
+         f"offline runs: {', '.join(f'{r:.1f}' for r in offline)} img/s"],
+    )]  # fmt: skip
+
+
+def _offline_rate(bench: Bench, files: list[str]) -> float:
+    from labelstream.classify import classify_images
+
+    labeler = bench.labeler()
+    started = time.perf_counter()
+    results = classify_images(labeler, offline_settings(), files)
+    elapsed = time.perf_counter() - started
+    failed = [r for r in results if r.error]
+    if failed:
+        raise RuntimeError(f"offline classify failed on {len(failed)} images, e.g. {failed[0].error}")
+    return len(files) / elapsed
+
+
+def _spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
+
+
+def _verdict(bench: Bench, verdict: str) -> str:
+    # Quick runs are too small for their numbers to mean anything.
+    return "QUICK" if bench.quick else verdict
+
+
+# -- pipelined_vs_naive -------------------------------------------------------
+
+
+def pipelined_vs_naive(bench: Bench) -> list[Row]:
+    sample = _spread_sample(bench.corpus_keys(), bench.sizes.naive_images)
+    topics = Topics.create(bench.services.bootstrap)
+    produce_all(bench.services.bootstrap, topics.requests, bench.services.bucket, sample)
+    rates = [naive.naive_rate(bench.services, topics, bench.labeler(), len(sample), timeout_s=600) for _ in range(2)]
+    run = bench.worker()
+    naive_rate = statistics.median(rates)
+    noise = run.noise + _spread(rates)
+    ratio = run.rate / naive_rate
+    return [Row(
+        "pipelined_vs_naive", f"worker {run.rate:.1f} img/s", f"naive loop {naive_rate:.1f} img/s", ratio, ">= 3",
+        noise, _verdict(bench, at_least(ratio, 3.0, noise)),
+        [f"naive: bench/naive.py, {len(sample)} of the same JPEGs (every size), runs "
+         f"{', '.join(f'{r:.1f}' for r in rates)} img/s"],
+    )]  # fmt: skip
+
+
+def _spread_sample(keys: list[str], count: int) -> list[str]:
+    # An odd stride visits every one of the 8 cycled sizes.
+    stride = max(1, len(keys) // count)
+    stride -= 1 if stride % 2 == 0 else 0
+    return keys[:: max(stride, 1)][:count]
+
+
+# -- fast_vs_exact_preprocess -------------------------------------------------
+
+
+def fast_vs_exact(bench: Bench) -> list[Row]:
+    sizes = bench.sizes
+    hd, large = sized_jpegs(sizes.preprocess_images[0], (1920, 1080)), sized_jpegs(sizes.preprocess_images[1], (4000, 3000))
+    rows = [_speed_row(bench, "1080p", hd, 2.0), _speed_row(bench, "4000x3000", large, 4.0)]
+    drift = preprocess_bench.measure_drift(hd + large + mixed_jpegs(sizes.drift_mixed_images))
+    rows[-1].notes.append(
+        f"drift of the model input (normalised units), {drift.images} images: mean |d| {drift.mean_abs:.4f}, "
+        f"max |d| {drift.max_abs:.3f}; top-1 agreement {drift.top1_agreement * 100:.1f}% "
+        "(tiny seed-0 model at 320 px, everyday taxonomy)"
+    )
+    return rows
+
+
+def _speed_row(bench: Bench, label: str, files: list[Path], target: float) -> Row:
+    sizes = bench.sizes
+    result = preprocess_bench.compare_speed(files, sizes.preprocess_seconds, sizes.preprocess_repeats)
+    return Row(
+        f"fast_vs_exact_preprocess {label}", f"fast {result.fast_per_core:.1f} img/s/core",
+        f"exact {result.exact_per_core:.1f} img/s/core", result.ratio, f">= {target:g}", result.noise,
+        _verdict(bench, at_least(result.ratio, target, result.noise)),
+    )
+
+
+# -- dedupe -------------------------------------------------------------------
+
+
+def dedupe(bench: Bench) -> list[Row]:
+    count = bench.sizes.dedupe_messages
+    keys = bench.corpus_keys()[:count]
+    unique = bench.stream(keys, "dedupe-unique")
+    half = keys[: count // 2]
+    copies = _copy_objects(bench, half)
+    duplicated = bench.stream(half + random.Random(0).sample(copies, len(copies)), "dedupe-half")
+    ratio = duplicated.rate / unique.rate
+    noise = unique.noise + duplicated.noise
+    hits = sum(1 for o in duplicated.outputs if o.value.get("cache_hit"))
+    return [Row(
+        "dedupe", f"50% duplicates {duplicated.rate:.1f} img/s", f"no duplicates {unique.rate:.1f} img/s", ratio,
+        ">= 1.6", noise, _verdict(bench, at_least(ratio, 1.6, noise)),
+        [f"{count} messages each; duplicates are byte-identical copies under other keys, in the second half; "
+         f"cache_hit records: {hits} of {len(duplicated.outputs)} (hit rate {hits / len(duplicated.outputs):.0%})"],
+    )]  # fmt: skip
+
+
+def _copy_objects(bench: Bench, keys: list[str]) -> list[str]:
+    s3, bucket = bench.services.s3, bench.services.bucket
+    copies = [f"dup/{key}" for key in keys]
+    for key, copy in zip(keys, copies, strict=True):
+        s3.copy_object(Bucket=bucket, Key=copy, CopySource={"Bucket": bucket, "Key": key})
+    return copies
+
+
+# -- memory -------------------------------------------------------------------
+
+
+def memory(bench: Bench) -> list[Row]:
+    first, last = bench.sizes.memory_marks
+    keys = list(_cycled(bench.corpus_keys(), last))
+    topics = Topics.create(bench.services.bootstrap)
+    produce_all(bench.services.bootstrap, topics.requests, bench.services.bucket, keys)
+    # Every message takes the full path: no dedupe hits even though images repeat.
+    with running_worker(bench.env(topics, LABELSTREAM_CACHE__MAX_ENTRIES="0"), "memory") as worker:
+        samples: dict[int, int] = {}
+        collect_outputs(bench.services.bootstrap, topics, last, timeout_s=600 + last / 5, worker=worker,
+                        on_progress=lambda done: samples.setdefault(done, worker.rss_bytes()))
+        at_last = worker.rss_bytes()
+    at_first = _first_at_or_after(samples, first)
+    jitter = _rss_jitter(samples, first)
+    growth = at_last / at_first - 1.0
+    return [Row(
+        "memory", f"RSS {at_last / 2**20:.0f} MiB after {last} msgs", f"RSS {at_first / 2**20:.0f} MiB after {first}",
+        None, "growth <= 5%", jitter, _verdict(bench, at_most(growth, 0.05, jitter)),
+        [f"worker RSS from /proc, dedupe cache off (cache.max_entries=0); noise = RSS jitter between "
+         f"{first} and {int(first * 1.5)} messages"],
+        ratio_text=f"{growth * 100:+.1f}%",
+    )]  # fmt: skip
+
+
+def _cycled(keys: list[str], count: int) -> Iterator[str]:
+    for index in range(count):
+        yield keys[index % len(keys)]
+
+
+def _first_at_or_after(samples: dict[int, int], mark: int) -> int:
+    return samples[min(done for done in samples if done >= mark)]
+
+
+def _rss_jitter(samples: dict[int, int], mark: int) -> float:
+    window = [rss for done, rss in samples.items() if mark <= done <= mark * 1.5]
+    return (max(window) - min(window)) / min(window) if window else 0.0
+
+
+# -- latency ------------------------------------------------------------------
+
+
+def latency(bench: Bench) -> list[Row]:
+    rate = bench.worker().rate / 2
+    keys = list(_cycled(bench.corpus_keys(), max(2, int(rate * bench.sizes.latency_seconds))))
+    topics = Topics.create(bench.services.bootstrap)
+    with running_worker(bench.env(topics), "latency") as worker:
+        produce_all(bench.services.bootstrap, topics.requests, bench.services.bucket, keys[:1])
+        collect_outputs(bench.services.bootstrap, topics, 1, timeout_s=120, worker=worker)
+        sender, sent = _start_paced_send(bench, topics, keys, rate)
+        # Read while sending: an output's receive time is when it became readable.
+        outputs = collect_outputs(bench.services.bootstrap, topics, len(keys) + 1, timeout_s=300, worker=worker)
+        sender.join()
+    latencies = sorted((o.received_s - sent[o.request_id]) * 1000 for o in outputs if o.request_id in sent)
+    p50, p99 = _percentile(latencies, 50), _percentile(latencies, 99)
+    return [Row(
+        "latency", f"p50 {p50:.0f} ms, p99 {p99:.0f} ms", f"at {rate:.1f} img/s (half of max)",
+        None, "(printed only)", None, "INFO",
+        [f"{len(latencies)} requests; from the request's send (its record timestamp) until its label record "
+         "is readable on the labels topic (after the broker acknowledged it)"],
+    )]  # fmt: skip
+
+
+def _start_paced_send(
+    bench: Bench, topics: Topics, keys: list[str], rate: float
+) -> tuple[threading.Thread, dict[str, float]]:
+    """A thread sending one request every 1/rate seconds; request id -> send time (epoch seconds)."""
+    sent: dict[str, float] = {}
+    producer = KafkaProducer(bootstrap_servers=bench.services.bootstrap, acks="all", linger_ms=0)
+
+    def send_all() -> None:
+        start = time.monotonic()
+        try:
+            for index, key in enumerate(keys):
+                time.sleep(max(0.0, start + index / rate - time.monotonic()))
+                request_id = f"latency-{index}"
+                sent[request_id] = time.time()
+                value = request_for(bench.services.bucket, key, request_id)
+                producer.send(topics.requests, key=request_id.encode(), value=value)
+            producer.flush()
+        finally:
+            producer.close()
+
+    thread = threading.Thread(target=send_all, name="paced-producer", daemon=True)
+    thread.start()
+    return thread, sent
+
+
+def _percentile(values: list[float], pct: float) -> float:
+    if not values:
+        return float("nan")
+    index = min(len(values) - 1, max(0, round(pct / 100 * (len(values) - 1))))
+    return values[index]
