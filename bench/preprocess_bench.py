@@ -17,12 +17,20 @@ import open_clip
 import torch
 
 from bench.corpus import tiny_model_files
+from bench.stream import relative_standard_error
 from pipeline.config import ImageSettings, Settings
 from pipeline.preprocess import Preprocessor
 from pipeline.taxonomy import everyday_taxonomy_path
 
 REAL_SIDE = 320
-REAL_CFG = {"size": (REAL_SIDE, REAL_SIDE)}
+# open_clip.get_model_preprocess_cfg() of convnext_large_d_320 (checked in tests/test_preprocess_fast.py).
+REAL_CFG = {
+    "size": (REAL_SIDE, REAL_SIDE),
+    "mean": open_clip.OPENAI_DATASET_MEAN,
+    "std": open_clip.OPENAI_DATASET_STD,
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
 IMAGE_SETTINGS = ImageSettings()
 
 
@@ -48,7 +56,7 @@ def preprocessors() -> tuple[Preprocessor, Preprocessor]:
 
 
 def compare_speed(files: list[Path], seconds: float, repeats: int) -> SpeedResult:
-    """Alternate exact and fast `repeats` times; medians, and the spread of the per-repeat ratios."""
+    """Alternate exact and fast `repeats` times: mean rates, and the relative standard error of the ratio."""
     datas = [path.read_bytes() for path in files]
     exact, fast = preprocessors()
     threads = torch.get_num_threads()
@@ -58,9 +66,8 @@ def compare_speed(files: list[Path], seconds: float, repeats: int) -> SpeedResul
     finally:
         torch.set_num_threads(threads)
     ratios = [f / e for e, f in pairs]
-    noise = (max(ratios) - min(ratios)) / statistics.median(ratios) if len(ratios) > 1 else 0.0
-    exact_rate, fast_rate = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
-    return SpeedResult(exact_rate, fast_rate, statistics.median(ratios), noise)
+    exact_rate, fast_rate = statistics.fmean(p[0] for p in pairs), statistics.fmean(p[1] for p in pairs)
+    return SpeedResult(exact_rate, fast_rate, statistics.fmean(ratios), relative_standard_error(ratios))
 
 
 def _per_core_rate(preprocess: Preprocessor, datas: list[bytes], seconds: float) -> float:

@@ -79,8 +79,9 @@ def _quiet_libraries() -> None:
 
 def _legend() -> str:
     return ("PASS meets the target; NOISE misses it by less than the noise measured in this run; FAIL misses it "
-            "by more (exit 1).\nnoise: ratio rows add the relative spread of each side's repeated measurement "
-            "(worker: first vs second half of its run; others: repeated runs).")
+            "by more (exit 1).\nnoise: the relative standard error of each side, from repeating its measurement "
+            "(the worker: four consecutive slices of its timed run; the others: whole repeated runs), the sides "
+            "combined in quadrature.")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ in its own process. Outputs are read back over the Kafka protocol.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +39,8 @@ FAST_KAFKA = {
 }
 BATCH_SIZE = 32
 LOG_DIR = CACHE_DIR / "logs"
+# Outputs published within this of each other belong to the same commit.
+_BURST_S = 0.005
 
 
 @dataclass
@@ -94,12 +98,13 @@ def request_for(bucket: str, key: str, request_id: str) -> bytes:
     return request.model_dump_json().encode()
 
 
-def produce_all(bootstrap: str, topic: str, bucket: str, keys: list[str]) -> list[str]:
-    """One request per key (ids "<n>:<key>", unique even when keys repeat), all acknowledged."""
+def produce_all(bootstrap: str, topic: str, bucket: str, keys: list[str], id_prefix: str = "") -> list[str]:
+    """One request per key (ids "<prefix><n>:<key>", unique even when keys repeat), all acknowledged."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    ids = [f"{index}:{key}" for index, key in enumerate(keys)]
+    ids = [f"{id_prefix}{index}:{key}" for index, key in enumerate(keys)]
     try:
-        futures = [producer.send(topic, key=i.encode(), value=request_for(bucket, k, i)) for i, k in zip(ids, keys, strict=True)]
+        pairs = zip(ids, keys, strict=True)
+        futures = [producer.send(topic, key=i.encode(), value=request_for(bucket, k, i)) for i, k in pairs]
         producer.flush(timeout=60)
         for future in futures:
             future.get(timeout=60)
@@ -236,20 +241,28 @@ def _output_of(record: Any) -> Output:
     return Output(value.get("id", key), record.topic, record.timestamp, received, value)
 
 
-def steady_rate(outputs: list[Output]) -> tuple[float, float]:
-    """(images/s, noise): the rate between the first and last output, and how far its two halves differ.
+def rate_since(outputs: list[Output], started_s: float, parts: int = 4) -> tuple[float, float]:
+    """(images/s, noise) of outputs whose requests were all produced at `started_s` (epoch seconds).
 
-    The first publish carries a whole commit interval's worth of outputs, so
-    those are not counted in the window that starts at it.
+    The rate runs from the start to the last output's timestamp (when the
+    worker published it). The noise is the relative standard error of the
+    rates of `parts` consecutive slices of the run: the measurement repeated
+    `parts` times within the same run. Outputs are published in bursts (one
+    per commit), so slices end at a burst and take all of it.
     """
-    stamps = sorted(o.timestamp_ms for o in outputs)
-    first_group = sum(1 for s in stamps if s <= stamps[0] + 5)
-    rate = _rate(len(stamps) - first_group, stamps[0], stamps[-1])
-    middle = len(stamps) // 2
-    halves = (_rate(middle - first_group, stamps[0], stamps[middle]), _rate(len(stamps) - middle - 1, stamps[middle], stamps[-1]))
-    noise = abs(halves[0] - halves[1]) / max(sum(halves) / 2, 1e-9)
-    return rate, noise
+    stamps = sorted(o.timestamp_ms / 1000.0 for o in outputs)
+    if len(stamps) < 2 * parts:
+        return float("nan"), float("nan")
+    rate = len(stamps) / max(stamps[-1] - started_s, 1e-3)
+    ends = sorted({stamps[len(stamps) * (i + 1) // parts - 1] for i in range(parts)})
+    done = [sum(1 for stamp in stamps if stamp <= end + _BURST_S) for end in ends]
+    spans = zip([0, *done], done, [started_s, *ends], ends)
+    slices = [(after - before) / max(end - start, 1e-3) for before, after, start, end in spans]
+    return rate, relative_standard_error(slices)
 
 
-def _rate(count: int, start_ms: int, end_ms: int) -> float:
-    return count / max((end_ms - start_ms) / 1000.0, 1e-3)
+def relative_standard_error(values: list[float]) -> float:
+    """Standard error of the mean over the mean: how far the mean of `values` is likely off."""
+    if len(values) < 2:
+        return 0.0
+    return statistics.stdev(values) / math.sqrt(len(values)) / statistics.fmean(values)

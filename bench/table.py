@@ -8,6 +8,7 @@ non-zero); INFO rows have no target; ERROR means the row could not run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,6 +35,8 @@ class Row:
 
 
 def at_least(ratio: float, target: float, noise: float) -> Verdict:
+    if math.isnan(ratio):
+        return "ERROR"
     if ratio >= target:
         return "PASS"
     return "NOISE" if ratio >= target * (1.0 - noise) else "FAIL"

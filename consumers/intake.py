@@ -5,7 +5,8 @@ code; nothing else may escape, because an exception on the poll thread would
 take the worker down and make the record a poison pill on every restart.
 
 Codes: request.empty, request.too_large, request.not_utf8, request.invalid_json,
-request.too_deep (stage parse); request.invalid (stage validate).
+request.too_deep (stage parse); request.invalid, request.s3_event_invalid,
+request.s3_event_no_objects (stage validate).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic_core import PydanticSerializationError
 
 from pipeline.errors import RequestError
 from schemas.requests import Request
+from schemas.s3_events import is_s3_event, requests_from_s3_event
 
 # Room for the id, taxonomy and metadata beside the largest inline image.
 REQUEST_OVERHEAD_BYTES = 1024 * 1024
@@ -31,8 +33,32 @@ def max_request_bytes(max_inline_bytes: int) -> int:
     return 4 * (max_inline_bytes // 3 + 2) + REQUEST_OVERHEAD_BYTES
 
 
+def parse_requests(value: bytes | None, max_inline_bytes: int) -> list[Request]:
+    """One record is one request, or, for an S3 event notification, one per ObjectCreated record."""
+    document = _parse_json(value, max_request_bytes(max_inline_bytes))
+    if is_s3_event(document):
+        return _requests_from_event(document)
+    return [_validate(document, max_inline_bytes)]
+
+
+def _requests_from_event(document: Any) -> list[Request]:
+    event = requests_from_s3_event(document)
+    if not event.requests:
+        # Deletions, tagging changes, test events: nothing to label, but the
+        # record still needs a terminal answer saying so.
+        raise RequestError(f"S3 event has no ObjectCreated record (skipped: {', '.join(event.skipped_events)})",
+                           code="request.s3_event_no_objects")
+    for request in event.requests:
+        _check_encodable(request)
+    return list(event.requests)
+
+
 def parse_request(value: bytes | None, max_inline_bytes: int) -> Request:
     document = _parse_json(value, max_request_bytes(max_inline_bytes))
+    return _validate(document, max_inline_bytes)
+
+
+def _validate(document: Any, max_inline_bytes: int) -> Request:
     try:
         request = Request.model_validate(document, context={"max_inline_bytes": max_inline_bytes})
     except ValidationError as exc:

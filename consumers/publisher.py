@@ -6,15 +6,18 @@ import json
 from typing import Any
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from consumers.records import Outcome
 from pipeline import metrics
 from pipeline.config import TopicSettings
 from pipeline.errors import PublishError
-from schemas.deadletter import DeadLetterHeaders
+from schemas.deadletter import HEADER_PREFIX, DeadLetterHeaders
 from schemas.embeddings import EmbeddingRecord
 from schemas.labels import LabelRecord, LabelScore, ModelRef, SourceRef, Timings
+
+# On a dead letter whose original value was too big to resend: the value's size in bytes.
+VALUE_OMITTED_HEADER = HEADER_PREFIX + "value-omitted"
 
 
 class OutputPublisher:
@@ -72,8 +75,14 @@ class OutputPublisher:
         """The original key, value and headers, plus headers saying where from and why."""
         item, error = outcome.item, outcome.error
         assert error is not None
-        headers = dead_letter_headers(outcome, self._group_id)
-        self._send(self._topics.dlq, item.key, item.value, [*item.headers, *headers.to_kafka_headers()])
+        headers = [*item.headers, *dead_letter_headers(outcome, self._group_id).to_kafka_headers()]
+        try:
+            self._send(self._topics.dlq, item.key, item.value, headers)
+        except MessageSizeTooLargeError:
+            # The input is bigger than this producer may send (its topic allows more): dead-letter
+            # it without the value, saying so, rather than let it stall its partition for good.
+            omitted = (VALUE_OMITTED_HEADER, str(len(item.value or b"")).encode())
+            self._send(self._topics.dlq, item.key, b"", [*headers, omitted])
         metrics.REQUESTS_FAILED.labels(code=error.code, stage=error.stage).inc()
         item.log.warning("dead_lettered", code=error.code, stage=error.stage, retryable=error.retryable,
                          attempts=outcome.attempts, error=error.message, outcome="dead_lettered")

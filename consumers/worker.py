@@ -81,6 +81,11 @@ class Worker:
         self._outstanding = 0
         # Set where raising is not possible (inside a rebalance callback); raised by the poll loop.
         self._fatal: PublishError | None = None
+        # Set once run() is over: the rebalance callbacks of consumer.close() must commit nothing more.
+        self._closed = False
+        # The revoke callback blocks kafka-python's IO thread, heartbeats included:
+        # never for more than half the session timeout, or the group would evict us.
+        self._revoke_timeout_s = min(settings.worker.revoke_timeout_s, settings.kafka.session_timeout_ms / 2000)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -105,6 +110,7 @@ class Worker:
                 self._raise_if_failed()
             return self._drain(self.settings.worker.drain_timeout_s)
         finally:
+            self._closed = True
             self._halt.set()
             inference.join(timeout=5)
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -203,7 +209,7 @@ class Worker:
         if time.monotonic() - self._last_commit >= interval:
             self._checkpoint(force=False)
 
-    def _checkpoint(self, force: bool, release_held: bool = False) -> None:
+    def _checkpoint(self, force: bool, release_held: bool = False, in_rebalance: bool = False) -> None:
         """Hand finished outcomes to the Checkpoint; keep them for later if the broker is unreachable.
 
         Never raises: it also runs inside rebalance callbacks, where kafka-python
@@ -220,10 +226,15 @@ class Worker:
             return
         outcomes, self._unpublished = self._unpublished, []
         try:
-            self.checkpoint.commit(outcomes)
+            self.checkpoint.commit(outcomes, in_rebalance=in_rebalance)
         except PublishError as exc:
             self._unpublished = outcomes + self._unpublished
             self._publish_failed(exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug here must stop the worker, not strand outcomes
+            self._unpublished = outcomes + self._unpublished
+            self._fatal = PublishError(f"checkpoint failed: {type(exc).__name__}: {exc}", retryable=False)
+            log.exception("checkpoint_failed")
             return
         self._publish_failing_since, self._publish_attempts = None, 0
         metrics.IN_FLIGHT.set(self.tracker.in_flight_count())
@@ -250,7 +261,10 @@ class Worker:
                 self._outstanding -= len(outcomes)
                 return outcomes
 
-    # -- rebalance callbacks (run inside poll, on the poll thread) ------------
+    # -- rebalance callbacks ----------------------------------------------------
+    # kafka-python 3 runs these on its IO thread while the poll thread waits
+    # inside poll(), so they never race the poll thread. A blocking consumer
+    # call in them raises, and they hold up heartbeats while they run.
 
     def on_revoked(self, revoked: list[TopicPartition]) -> None:
         """Let the revoked partitions' work finish for a bounded time, commit, then let go.
@@ -258,13 +272,18 @@ class Worker:
         What has not finished by then is abandoned: its outputs are never
         produced, and the new owner reads it again from the committed offset.
         """
-        deadline = time.monotonic() + self.settings.worker.revoke_timeout_s
+        if self._closed:
+            # After the drain, what is left was abandoned on purpose.
+            self.tracker.revoke(revoked)
+            return
+        deadline = time.monotonic() + self._revoke_timeout_s
         while self.tracker.in_flight_for(revoked) and time.monotonic() < deadline:
-            self._checkpoint(force=False, release_held=True)
+            self._checkpoint(force=False, release_held=True, in_rebalance=True)
             time.sleep(0.02)
-        self._checkpoint(force=True, release_held=True)
+        self._checkpoint(force=True, release_held=True, in_rebalance=True)
+        abandoned = self.tracker.in_flight_for(revoked)
         self.tracker.revoke(revoked)
-        log.info("partitions_revoked", partitions=_names(revoked))
+        log.info("partitions_revoked", partitions=_names(revoked), abandoned=abandoned)
 
     def on_lost(self, lost: list[TopicPartition]) -> None:
         # We were evicted: another member may already own these, so commit nothing for them.

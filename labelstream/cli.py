@@ -33,7 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=int, default=12, help="how many sample photos to label")
 
     sub.add_parser("schema", help="print the JSON Schema of every message type")
+    top = sub.add_parser("top", help="live view of a running worker's metrics endpoint")
+    top.add_argument("--url", default="http://127.0.0.1:9400", help="the worker's metrics server (metrics.port)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--once", action="store_true", help="print one frame (two scrapes, --interval apart) and exit")
     _add_taxonomy_commands(sub)
+    from labelstream.evaluation.cli import add_commands as add_evaluation_commands
+
+    add_evaluation_commands(sub)
     return parser
 
 
@@ -79,6 +86,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_demo(args.images)
     if args.command == "taxonomy":
         return _dispatch_taxonomy(args)
+    if args.command in ("eval", "gallery"):
+        from labelstream.evaluation.cli import dispatch as dispatch_evaluation
+
+        return dispatch_evaluation(args)
+    if args.command == "top":
+        from labelstream.top import run_top
+
+        return run_top(args.url, args.interval, args.once)
     from labelstream.schema_dump import print_schemas
 
     return print_schemas()

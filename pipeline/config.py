@@ -199,6 +199,21 @@ class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class MetricsSettings(_Section):
+    # One HTTP port serves /metrics, /healthz and /readyz; 0 turns the server off.
+    port: int = Field(9400, ge=0, le=65535)
+    host: str = "0.0.0.0"
+
+
+class HealthSettings(_Section):
+    # /healthz fails once the poll loop has not turned, or a stage has been busy
+    # on one piece of work, for this long. As long as max_poll_interval_ms's
+    # default: a slow CPU batch of a large model must not get the pod restarted.
+    stall_threshold_s: float = Field(300.0, gt=0)
+    # /readyz fails after this many inference failures in a row (1: the last one failed).
+    max_inference_failures: int = Field(3, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LABELSTREAM_",
@@ -222,6 +237,8 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     dead_letter: DeadLetterSettings = DeadLetterSettings()
     log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    health: HealthSettings = HealthSettings()
 
 
 def load_settings(config_file: Path | None = None) -> Settings:

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.classifier import ZeroShotClassifier, as_numpy
 from pipeline.config import ImageSettings, Settings
-from pipeline.decode import decode_image
+from pipeline.preprocess import Preprocessor
 from pipeline.fetch import ImageFetcher
 from pipeline.model import LoadedModel
 from pipeline.registry import ClassifierRegistry
@@ -41,15 +41,22 @@ class ImageLabels:
 
 
 class Labeler:
-    def __init__(self, model: LoadedModel, registry: ClassifierRegistry, image_settings: ImageSettings) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        registry: ClassifierRegistry,
+        image_settings: ImageSettings,
+        preprocessor: Preprocessor | None = None,
+    ) -> None:
         self.model = model
         self.registry = registry
         self.image_settings = image_settings
+        # Exact mode (the default) is open_clip's own eval transform, byte for byte.
+        self.preprocessor = preprocessor or Preprocessor(model.preprocess, model.preprocess_cfg, "exact")
 
     def prepare_bytes(self, data: bytes, fetch_ms: float = 0.0) -> PreparedImage:
         started = time.perf_counter()
-        image = decode_image(data, self.image_settings)
-        pixels = self.model.preprocess(image)
+        pixels = self.preprocessor(data, self.image_settings)
         return PreparedImage(pixels=pixels, fetch_ms=fetch_ms, decode_ms=_ms_since(started))
 
     def prepare(self, source: ImageSource, fetcher: ImageFetcher) -> PreparedImage:
@@ -101,4 +108,4 @@ def build_labeler(settings: Settings, model: LoadedModel | None = None) -> Label
     for classifier in classifiers:
         metrics.CLASSIFIER_BUILD_SECONDS.labels(taxonomy=classifier.taxonomy.name).set(classifier.build_seconds)
     registry = ClassifierRegistry(classifiers, default=default_name(settings.taxonomy, taxonomies))
-    return Labeler(model, registry, settings.image)
+    return Labeler(model, registry, settings.image, Preprocessor.for_model(model, settings.preprocess))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Mapping
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS_CONSUMED = Counter("labelstream_requests_consumed_total", "Records read from the requests topic")
@@ -39,3 +43,51 @@ TAXONOMY_UPDATES = Counter(
 DEDUPE_HITS = Counter("labelstream_dedupe_hits_total", "Images found in the content-hash cache (decode and model skipped)")
 DEDUPE_MISSES = Counter("labelstream_dedupe_misses_total", "Images not in the content-hash cache")
 DEDUPE_ENTRIES = Gauge("labelstream_dedupe_entries", "Images held in the content-hash cache")
+
+# Operations: lag, dead letters and the per-stage latencies, with the helpers the worker calls.
+# STAGE_SECONDS's `stage` label takes exactly these values, one observation per item:
+#   fetch       reading the image bytes (S3, URL or inline), retries included
+#   decode      decoding and preprocessing into the model's input tensor
+#   infer       the model call of the batch the item was in
+#   publish     producing the item's outputs until the broker acknowledged them
+#   end_to_end  from the request record's Kafka timestamp to its outputs being acknowledged
+STAGES = ("fetch", "decode", "infer", "publish", "end_to_end")
+CONSUMER_LAG = Gauge(
+    "labelstream_consumer_lag",
+    "Records after the consumer's position in each assigned partition (high watermark - position)",
+    ["topic", "partition"],
+)
+DEAD_LETTERS = Counter(
+    "labelstream_dead_letters_total",
+    "Inputs written to the dead-letter topic, by error code and the taxonomy the request resolved to ('' if none)",
+    ["code", "taxonomy"],
+)
+
+_lag_lock = threading.Lock()
+_lag_labels: set[tuple[str, str]] = set()
+
+
+def observe_stage(stage: str, seconds: float) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    STAGE_SECONDS.labels(stage=stage).observe(max(seconds, 0.0))
+
+
+def observe_end_to_end(record_timestamp_ms: int | None, now_s: float | None = None) -> None:
+    """Record timestamps come from the producer's clock; skew below zero counts as zero."""
+    if record_timestamp_ms is None or record_timestamp_ms < 0:
+        return
+    now = time.time() if now_s is None else now_s
+    observe_stage("end_to_end", now - record_timestamp_ms / 1000.0)
+
+
+def set_consumer_lag(lags: Mapping[tuple[str, int], int]) -> None:
+    """Set the lag of every assigned partition; partitions no longer given lose their series."""
+    current = {(topic, str(partition)): max(lag, 0) for (topic, partition), lag in lags.items()}
+    with _lag_lock:
+        for gone in _lag_labels - current.keys():
+            CONSUMER_LAG.remove(*gone)
+        for labels, lag in current.items():
+            CONSUMER_LAG.labels(*labels).set(lag)
+        _lag_labels.clear()
+        _lag_labels.update(current)

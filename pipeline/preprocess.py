@@ -10,7 +10,10 @@ at least four times the input side is box-averaged with `Image.reduce()`,
 never below twice the input side. Reducing further measurably hurts: a box
 filter followed by a near-1:1 bicubic resize drifted 0.10 (mean abs, in
 normalised units) from exact mode at 64 px, against 0.01 when the bicubic
-resize keeps at least a 2x reduction to do. The pixels still differ slightly
+resize keeps at least a 2x reduction to do. Finally, for open_clip's usual
+`shortest` resize mode, the centre crop is folded into the resize: one
+resize of just the box the crop keeps, so the discarded edges of a 16:9 photo
+are never filtered (about 45% less resizing). The pixels still differ slightly
 from exact mode (measured by `make bench`), which is why it is a setting and
 not the default.
 """
@@ -28,6 +31,7 @@ from pipeline.decode import decode_image
 from pipeline.model import LoadedModel, input_side
 
 Transform = Callable[[Image.Image], torch.Tensor]
+_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 class Preprocessor:
@@ -41,13 +45,17 @@ class Preprocessor:
         # Every resize mode open_clip has keeps the result at most this big on
         # either side, so a shorter side of at least this never upsamples.
         self.target_side = input_side(preprocess_cfg)
+        fused = FusedCropResize.from_cfg(preprocess_cfg) if mode == "fast" else None
+        self._fast_transform = fused or transform
 
     @classmethod
     def for_model(cls, model: LoadedModel, settings: PreprocessSettings) -> Preprocessor:
         return cls(model.preprocess, model.preprocess_cfg, settings.mode)
 
     def __call__(self, data: bytes, image_settings: ImageSettings) -> torch.Tensor:
-        return self.transform(self.decode(data, image_settings))
+        if self.mode == "exact":
+            return self.transform(self.decode(data, image_settings))
+        return self._fast_transform(self.decode(data, image_settings))
 
     def decode(self, data: bytes, image_settings: ImageSettings) -> Image.Image:
         """The RGB image the transform sees: full size (exact) or cheaply shrunk (fast)."""
@@ -55,6 +63,45 @@ class Preprocessor:
             return decode_image(data, image_settings)
         image = decode_image(data, image_settings, draft_size=self.target_side)
         return reduce_to_side(image, 2 * self.target_side)
+
+
+class FusedCropResize:
+    """open_clip's `shortest` eval transform with the centre crop folded into the resize.
+
+    Resizing the shorter side to `side` and then cropping the centre samples
+    the same source box as one resize of just that box; Pillow's `box`
+    argument takes fractional coordinates and still filters across its edges.
+    """
+
+    def __init__(self, side: int, resample: Image.Resampling, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.side, self.resample = side, resample
+        self.mean, self.std = list(mean), list(std)
+
+    @classmethod
+    def from_cfg(cls, cfg: dict[str, Any]) -> FusedCropResize | None:
+        """None for configurations it does not reproduce (other resize modes, non-square input)."""
+        size = cfg.get("size")
+        square = isinstance(size, int) or (isinstance(size, (tuple, list)) and len(set(size)) == 1)
+        resample = _RESAMPLING.get(cfg.get("interpolation", "bicubic"))
+        if not square or cfg.get("resize_mode", "shortest") != "shortest" or resample is None or "mean" not in cfg:
+            return None
+        return cls(input_side(cfg), resample, tuple(cfg["mean"]), tuple(cfg["std"]))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        from torchvision.transforms.functional import normalize, to_tensor
+
+        cropped = image.resize((self.side, self.side), self.resample, box=centre_crop_box(image.size, self.side))
+        return normalize(to_tensor(cropped), self.mean, self.std)
+
+
+def centre_crop_box(size: tuple[int, int], side: int) -> tuple[float, float, float, float]:
+    """The source box that torchvision's Resize(side) then CenterCrop(side) keeps."""
+    width, height = size
+    # torchvision truncates the longer side, and rounds the crop offset.
+    resized = (side, int(side * height / width)) if width <= height else (int(side * width / height), side)
+    left, top = int(round((resized[0] - side) / 2.0)), int(round((resized[1] - side) / 2.0))
+    scale_x, scale_y = width / resized[0], height / resized[1]
+    return (left * scale_x, top * scale_y, (left + side) * scale_x, (top + side) * scale_y)
 
 
 def reduce_to_side(image: Image.Image, side: int) -> Image.Image:

@@ -18,7 +18,7 @@ class DeadLetterHeaders(BaseModel):
     original_topic: str
     original_partition: int
     original_offset: int
-    original_timestamp: int | None
+    original_timestamp: int | None = None
     consumer_group: str
     stage: str
     error_code: str

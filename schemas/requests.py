@@ -59,8 +59,8 @@ class ImageSource(BaseModel):
         if payload is None:
             return None
         cap = (info.context or {}).get("max_inline_bytes", DEFAULT_MAX_INLINE_BYTES)
-        # Decoded size is 3/4 of the encoded length; check before decoding.
-        if len(payload) * 3 // 4 > cap:
+        # Check the decoded size before decoding: 3 bytes per 4 characters, less the padding.
+        if len(payload) * 3 // 4 - payload[-2:].count("=") > cap:
             raise ValueError(f"base64 payload decodes to more than the {cap}-byte inline cap")
         try:
             base64.b64decode(payload, validate=True)

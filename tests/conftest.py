@@ -169,6 +169,9 @@ def worker_env(
             "LABELSTREAM_MODEL__PRETRAINED": str(tiny_model.checkpoint_path),
             "LABELSTREAM_MODEL__DEVICE": "cpu",
             "LABELSTREAM_LOG__FORMAT": "json",
+            # Parallel workers in one test would fight over the default 9400;
+            # tests that scrape metrics pass a free port explicitly.
+            "LABELSTREAM_METRICS__PORT": "0",
             **overrides,
         }
 

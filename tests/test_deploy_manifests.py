@@ -150,3 +150,34 @@ def test_dockerfile_runs_the_cli_as_a_non_root_user() -> None:
     assert 'ENTRYPOINT ["labelstream"]' in lines
     assert 'CMD ["run"]' in lines
     assert len([line for line in lines if line.startswith("FROM ")]) >= 2
+
+
+def test_minio_publishes_bucket_events_to_the_requests_topic(compose: dict[str, Any]) -> None:
+    minio = compose["services"]["minio"]
+    env = minio["environment"]
+    worker_env = compose["services"]["worker"]["environment"]
+    assert env["MINIO_NOTIFY_KAFKA_ENABLE_PRIMARY"] == "on"
+    assert env["MINIO_NOTIFY_KAFKA_BROKERS_PRIMARY"] == worker_env["LABELSTREAM_KAFKA__BOOTSTRAP_SERVERS"]
+    assert env["MINIO_NOTIFY_KAFKA_TOPIC_PRIMARY"] == TopicSettings().requests
+    # Auto-creation is off, so MinIO may only start publishing once the topic exists.
+    assert minio["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+    queue_dir = env["MINIO_NOTIFY_KAFKA_QUEUE_DIR_PRIMARY"]
+    assert any(volume.endswith(f":{queue_dir}") for volume in minio["volumes"])
+
+
+def test_minio_init_subscribes_the_incoming_bucket_to_put_events(compose: dict[str, Any]) -> None:
+    script = " ".join(compose["services"]["minio-init"]["command"])
+    commands = [line.split() for line in script.splitlines() if line.strip().startswith("mc event add")]
+    assert len(commands) == 1
+    words = commands[0]
+    # The ARN's id (PRIMARY) and type (kafka) name the MINIO_NOTIFY_KAFKA_*_PRIMARY target.
+    assert "local/incoming" in words and "arn:minio:sqs::PRIMARY:kafka" in words
+    assert words[words.index("--event") + 1] == "put"
+    assert script.index("mc mb") < script.index("mc event add")
+
+
+def test_worker_health_check_probes_healthz_on_the_metrics_port(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker"]
+    port = with_defaults(worker["environment"]["LABELSTREAM_METRICS__PORT"])
+    assert f"{port}:{port}" in worker["ports"]
+    assert f"127.0.0.1:{port}/healthz" in " ".join(worker["healthcheck"]["test"])

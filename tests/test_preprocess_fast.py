@@ -16,7 +16,7 @@ from pipeline.decode import decode_image
 from pipeline.errors import ImageError
 from pipeline.gpu_decode import preprocess_jpegs
 from pipeline.model import LoadedModel, load_model
-from pipeline.preprocess import Preprocessor, reduce_to_side
+from pipeline.preprocess import FusedCropResize, Preprocessor, reduce_to_side
 
 # The real model's input: 320 px, open_clip's OpenAI mean/std, bicubic, shortest-side resize.
 REAL_CFG: dict[str, Any] = {
@@ -27,6 +27,29 @@ REAL_CFG: dict[str, Any] = {
     "resize_mode": "shortest",
 }
 IMAGE_SETTINGS = ImageSettings()
+
+
+def test_the_real_models_preprocess_config_is_what_the_bench_assumes() -> None:
+    from bench.preprocess_bench import REAL_CFG as BENCH_CFG
+
+    config = open_clip.get_model_config("convnext_large_d_320")
+    assert config is not None and config["vision_cfg"]["image_size"] == 320
+    assert open_clip.get_pretrained_cfg("convnext_large_d_320", "laion2b_s29b_b131k_ft_soup").get("mean") in (
+        None, REAL_CFG["mean"])
+    assert BENCH_CFG == REAL_CFG
+
+
+def test_fused_crop_resize_matches_resize_then_centre_crop() -> None:
+    transform = real_transform()
+    fused = FusedCropResize.from_cfg(REAL_CFG)
+    assert fused is not None
+    for size in [(1920, 1080), (1080, 1920), (641, 480), (333, 1000), (320, 320)]:
+        image = photo(size)
+        difference = (fused(image) - transform(image)).abs()
+        # One 8-bit level is 1/255/std ~ 0.015 in normalised units. Landscape matches
+        # to one level; portrait to three (Pillow's fixed-point vertical pass), 0.0015 mean.
+        assert difference.max().item() <= 0.05 and difference.mean().item() < 0.003, size
+    assert FusedCropResize.from_cfg({**REAL_CFG, "resize_mode": "squash"}) is None
 
 
 def real_transform() -> Callable[[Image.Image], torch.Tensor]:
@@ -48,7 +71,8 @@ def encoded(image: Image.Image, fmt: str = "JPEG", **options: Any) -> bytes:
 
 @pytest.fixture(scope="module")
 def tiny_loaded(tiny_model: Any) -> LoadedModel:
-    return load_model(ModelSettings(name=str(tiny_model.config_path), pretrained=str(tiny_model.checkpoint_path), device="cpu"))
+    settings = ModelSettings(name=str(tiny_model.config_path), pretrained=str(tiny_model.checkpoint_path), device="cpu")
+    return load_model(settings)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +105,10 @@ def test_exact_mode_is_byte_identical_to_decode_then_open_clip_transform(
 def test_fast_output_has_the_exact_shape_and_drifts_little_on_a_1080p_photo(
     use_real_size: bool, tiny_loaded: LoadedModel, jpeg_1080p: bytes
 ) -> None:
-    transform, cfg = (real_transform(), REAL_CFG) if use_real_size else (tiny_loaded.preprocess, tiny_loaded.preprocess_cfg)
+    if use_real_size:
+        transform, cfg = real_transform(), REAL_CFG
+    else:
+        transform, cfg = tiny_loaded.preprocess, tiny_loaded.preprocess_cfg
     exact = Preprocessor(transform, cfg, "exact")(jpeg_1080p, IMAGE_SETTINGS)
     fast = Preprocessor(transform, cfg, "fast")(jpeg_1080p, IMAGE_SETTINGS)
     assert fast.shape == exact.shape
@@ -144,6 +171,7 @@ def test_tensor_jpeg_path_matches_exact_mode_closely(jpeg_1080p: bytes) -> None:
     """The batched torchvision decode used on CUDA, run here on the CPU."""
     portrait = encoded(photo((1080, 1920), source_index=1), quality=90)
     batch = preprocess_jpegs([jpeg_1080p, portrait], 320, REAL_CFG["mean"], REAL_CFG["std"], "cpu")
-    exact = torch.stack([Preprocessor(real_transform(), REAL_CFG, "exact")(d, IMAGE_SETTINGS) for d in (jpeg_1080p, portrait)])
+    exact_mode = Preprocessor(real_transform(), REAL_CFG, "exact")
+    exact = torch.stack([exact_mode(data, IMAGE_SETTINGS) for data in (jpeg_1080p, portrait)])
     assert batch.shape == exact.shape == (2, 3, 320, 320)
     assert (batch - exact).abs().mean().item() < 0.01

@@ -65,6 +65,17 @@ class WorkerProcess:
             time.sleep(POLL_S)
         raise AssertionError(f"{self.name}: no {name!r} log line within {timeout_s:.0f}s:\n{self.tail()}")
 
+    def wait_for_events(self, name: str, count: int, timeout_s: float) -> list[dict[str, Any]]:
+        """Until `count` log lines named `name` exist."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = self.events(name)
+            if len(found) >= count:
+                return found
+            self.assert_alive()
+            time.sleep(POLL_S)
+        raise AssertionError(f"{self.name}: fewer than {count} {name!r} log lines in {timeout_s:.0f}s:\n{self.tail()}")
+
     def assert_alive(self) -> None:
         assert self.running, f"{self.name} exited {self.proc.returncode} early:\n{self.tail()}"
 
