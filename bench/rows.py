@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kafka import KafkaProducer
 
-from bench import naive, preprocess_bench
+from bench import eval_iteration, naive, preprocess_bench
 from bench.corpus import CACHE_DIR, mixed_jpegs, sized_jpegs, tiny_model_files
 from bench.stream import (
     BATCH_SIZE, Output, Services, Topics, collect_outputs, produce_all, rate_since, request_for, running_services,
@@ -46,17 +46,19 @@ class Sizes:
     dedupe_messages: int
     memory_marks: tuple[int, int]
     latency_seconds: float
+    eval_per_class: int
+    eval_repeats: int
 
 
 FULL = Sizes(
     e2e_images=1200, naive_images=200, naive_repeats=3, offline_repeats=3, preprocess_images=(12, 6),
     preprocess_seconds=2.0, preprocess_repeats=3, drift_mixed_images=200, dedupe_messages=1200,
-    memory_marks=(1_000, 10_000), latency_seconds=30.0,
+    memory_marks=(1_000, 10_000), latency_seconds=30.0, eval_per_class=100, eval_repeats=2,
 )
 QUICK = Sizes(
     e2e_images=16, naive_images=6, naive_repeats=2, offline_repeats=1, preprocess_images=(2, 1),
     preprocess_seconds=0.1, preprocess_repeats=2, drift_mixed_images=2, dedupe_messages=16,
-    memory_marks=(10, 100), latency_seconds=3.0,
+    memory_marks=(10, 100), latency_seconds=3.0, eval_per_class=3, eval_repeats=1,
 )
 
 
@@ -375,3 +377,37 @@ def _percentile(values: list[float], pct: float) -> float:
         return float("nan")
     index = min(len(values) - 1, max(0, round(pct / 100 * (len(values) - 1))))
     return values[index]
+
+
+# -- eval_prompt_iteration ----------------------------------------------------
+
+EVAL_WARMUP_PER_CLASS = 2
+
+
+def eval_prompt_iteration(bench: Bench) -> list[Row]:
+    folder = eval_iteration.textile_folder(bench.sizes.eval_per_class)
+    warmup = eval_iteration.textile_folder(EVAL_WARMUP_PER_CLASS)
+    pairs = eval_iteration.measure_in_process(folder, warmup, bench.sizes.eval_repeats)
+    first = statistics.fmean(p.first.wall_s for p in pairs)
+    second = statistics.fmean(p.second.wall_s for p in pairs)
+    noise = _combined(relative_standard_error([p.first.wall_s for p in pairs]),
+                      relative_standard_error([p.second.wall_s for p in pairs]))
+    ratio = _ratio(first, second)
+    images = pairs[0].first.n_images
+    notes = [
+        f"{images} conformal-clip-data textile JPEGs (250x250, {bench.sizes.eval_per_class} per class), tiny model, "
+        f"batch {BATCH_SIZE}, CPU; `labelstream eval` via labelstream.cli.main in-process (imports paid by a warm-up "
+        f"eval on {EVAL_WARMUP_PER_CLASS * 3} other images); the second run's taxonomy rewords the prompts and adds "
+        "a template, so only its text features are computed; each pair from empty embedding and classifier caches",
+        "pairs (first / second s): " + ", ".join(f"{p.first.wall_s:.2f} / {p.second.wall_s:.2f}" for p in pairs)
+        + "; image side only (encode vs cache load): "
+        + ", ".join(f"{p.first.image_s:.2f} / {p.second.image_s:.3f}" for p in pairs),
+    ]
+    if not bench.quick:
+        cli = eval_iteration.measure_cli(folder)
+        notes.append(f"as `labelstream eval` subprocesses (interpreter start, imports, model load included): "
+                     f"{cli.first.wall_s:.1f} s vs {cli.second.wall_s:.1f} s, ratio {cli.ratio:.1f}")
+    return [Row(
+        "eval_prompt_iteration", f"changed prompts {second:.2f} s", f"first eval {first:.2f} s", ratio, ">= 10",
+        noise, _verdict(bench, at_least(ratio, 10.0, noise)), notes,
+    )]  # fmt: skip

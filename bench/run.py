@@ -29,6 +29,7 @@ ROWS: dict[str, Callable[[rows.Bench], list[Row]]] = {
     "dedupe": rows.dedupe,
     "memory": rows.memory,
     "latency": rows.latency,
+    "eval_prompt_iteration": rows.eval_prompt_iteration,
 }
 
 

@@ -8,6 +8,7 @@ only once its outputs are acknowledged by the broker.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from kafka import TopicPartition
@@ -21,6 +22,9 @@ class _PartitionState:
     committed: int | None = None
     # Where this assignment started reading: what the group had committed.
     first_offset: int | None = None
+    # Offsets that fanned out into several requests (an S3 event with several
+    # objects): how many parts beyond the first are still unfinished.
+    extra_parts: dict[int, int] = field(default_factory=dict)
 
     def committable(self) -> int | None:
         position = min(self.in_flight) if self.in_flight else self.next_offset
@@ -77,11 +81,21 @@ class OffsetTracker:
         state = self._partitions.get(ticket.partition)
         return state is not None and state.epoch == ticket.epoch and ticket.offset in state.in_flight
 
+    def add_parts(self, ticket: Ticket, parts: int) -> None:
+        """The input behind `ticket` became `parts` requests; it finishes when all of them have."""
+        if parts > 1 and self.is_current(ticket):
+            self._partitions[ticket.partition].extra_parts[ticket.offset] = parts - 1
+
     def finish(self, ticket: Ticket) -> bool:
-        """Mark an input's outputs acknowledged; False if its assignment is gone."""
+        """Mark one part of an input acknowledged; False if its assignment is gone."""
         if not self.is_current(ticket):
             return False
-        self._partitions[ticket.partition].in_flight.discard(ticket.offset)
+        state = self._partitions[ticket.partition]
+        extra = state.extra_parts.pop(ticket.offset, 0)
+        if extra > 1:
+            state.extra_parts[ticket.offset] = extra - 1
+        elif extra == 0:
+            state.in_flight.discard(ticket.offset)
         return True
 
     def committable(self) -> dict[TopicPartition, int]:
@@ -95,13 +109,15 @@ class OffsetTracker:
         Exactly-once needs the offsets before the transaction commits, and must
         leave the tickets unfinished if it aborts.
         """
-        finishing: dict[TopicPartition, set[int]] = {}
+        finishing: dict[TopicPartition, Counter[int]] = {}
         for ticket in tickets:
             if self.is_current(ticket):
-                finishing.setdefault(ticket.partition, set()).add(ticket.offset)
+                finishing.setdefault(ticket.partition, Counter())[ticket.offset] += 1
         result = {}
         for tp, state in self._partitions.items():
-            remaining = state.in_flight - finishing.get(tp, set())
+            counts = finishing.get(tp, Counter())
+            done = {offset for offset, n in counts.items() if n > state.extra_parts.get(offset, 0)}
+            remaining = state.in_flight - done
             position = min(remaining) if remaining else state.next_offset
             if position is not None and position != state.committed:
                 result[tp] = position
@@ -128,6 +144,13 @@ class OffsetTracker:
         run of finished, published, uncommitted ones.
         """
         return sum(s.uncommitted() for s in self._partitions.values())
+
+    def position(self, tp: TopicPartition) -> int | None:
+        """The next offset this worker will read from `tp`, as far as it knows."""
+        state = self._partitions.get(tp)
+        if state is None:
+            return None
+        return state.next_offset if state.next_offset is not None else state.committed
 
     def partitions(self) -> list[TopicPartition]:
         return list(self._partitions)

@@ -84,6 +84,8 @@ class OutputPublisher:
             omitted = (VALUE_OMITTED_HEADER, str(len(item.value or b"")).encode())
             self._send(self._topics.dlq, item.key, b"", [*headers, omitted])
         metrics.REQUESTS_FAILED.labels(code=error.code, stage=error.stage).inc()
+        taxonomy = item.classifier.taxonomy.name if item.classifier is not None else ""
+        metrics.DEAD_LETTERS.labels(code=error.code, taxonomy=taxonomy).inc()
         item.log.warning("dead_lettered", code=error.code, stage=error.stage, retryable=error.retryable,
                          attempts=outcome.attempts, error=error.message, outcome="dead_lettered")
 
@@ -117,11 +119,12 @@ def label_record(outcome: Outcome, model: ModelRef) -> LabelRecord:
         labels=_scores(labels.labels),
         mode="single_label" if labels.selected is None else "multi_label",
         selected=None if labels.selected is None else _scores(labels.selected),
+        cache_hit=outcome.cache_hit,
         source=SourceRef(topic=item.topic, partition=item.partition, offset=item.offset),
         timings_ms=Timings(
             fetch=round(item.prepared.fetch_ms, 3),
             decode=round(item.prepared.decode_ms, 3),
-            infer=round(labels.infer_ms, 3),
+            infer=0.0 if outcome.cache_hit else round(labels.infer_ms, 3),
             total=round(outcome.total_ms(), 3),
         ),
     )

@@ -42,6 +42,8 @@ class Outcome:
     labels: ImageLabels | None = None
     error: LabelstreamError | None = None
     attempts: int = 1
+    # The labels came from the content-hash cache: no decode, no model call.
+    cache_hit: bool = False
 
     def total_ms(self) -> float:
         return (time.perf_counter() - self.item.received) * 1000.0

@@ -9,23 +9,28 @@ consumer past `max_poll_interval_ms`.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
+import torch
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from consumers.checkpoint import Checkpoint
 from consumers.circuit_breaker import CircuitOpenError, DeadLetterGate
-from consumers.intake import parse_request
+from consumers.intake import parse_requests
+from consumers.stage_waits import StageWaits
 from consumers.offsets import OffsetTracker
 from consumers.publisher import OutputPublisher
 from consumers.records import Outcome, WorkItem
 from pipeline import metrics
 from pipeline.batcher import MicroBatcher
+from pipeline.classifier import ZeroShotClassifier
+from pipeline.health import HealthState
 from pipeline.config import Settings
 from pipeline.errors import InferenceError, LabelstreamError, PublishError
 from pipeline.fetch import ImageFetcher
@@ -57,8 +62,11 @@ class Worker:
         fetcher: ImageFetcher,
         consumer: KafkaConsumer,
         publisher: OutputPublisher,
+        health: HealthState | None = None,
     ) -> None:
         self.settings = settings
+        self.health = health or HealthState.from_settings(settings.health)
+        self.waits = StageWaits()
         self.labeler = labeler
         self.fetcher = fetcher
         self.consumer = consumer
@@ -67,7 +75,14 @@ class Worker:
         self.gate = DeadLetterGate(settings.dead_letter)
         self._ready: queue.Queue[WorkItem] = queue.Queue()
         self._done: queue.Queue[Outcome] = queue.Queue()
-        self._batcher = MicroBatcher(self._ready, settings.batch.max_size, settings.batch.max_wait_ms)
+        # Items submitted to the prepare pool and not yet ready or failed; lets the batcher
+        # send a batch at once when nothing more is on its way.
+        self._preparing = 0
+        self._preparing_lock = threading.Lock()
+        self._batcher = MicroBatcher(
+            self._ready, settings.batch.max_size, settings.batch.max_wait_ms, more_coming=lambda: self._preparing > 0
+        )
+        self._lag_updated_at = 0.0
         self._pool = ThreadPoolExecutor(settings.fetch.threads, thread_name_prefix="prepare")
         self._stop = threading.Event()
         self._halt = threading.Event()
@@ -90,6 +105,7 @@ class Worker:
     # -- lifecycle -----------------------------------------------------------
 
     def request_stop(self) -> None:
+        self.health.stopping()
         self._stop.set()
 
     def run(self) -> bool:
@@ -108,6 +124,7 @@ class Worker:
                 self._poll_once()
                 self._checkpoint_if_due()
                 self._raise_if_failed()
+                self.waits.report_if_due()
             return self._drain(self.settings.worker.drain_timeout_s)
         finally:
             self._closed = True
@@ -121,6 +138,7 @@ class Worker:
         self._pause_all()
         deadline = time.monotonic() + timeout_s
         while self.tracker.in_flight_count() and time.monotonic() < deadline and not self.gate.tripped:
+            self.health.poll_loop_tick()
             self.consumer.poll(timeout_ms=50, max_records=1)
             self._checkpoint(force=True, release_held=True)
             self._raise_if_failed()
@@ -147,6 +165,7 @@ class Worker:
         self._pause_all()
         deadline = time.monotonic() + self.settings.worker.drain_timeout_s
         while self._outstanding and time.monotonic() < deadline and self._fatal is None:
+            self.health.poll_loop_tick()
             self.consumer.poll(timeout_ms=50, max_records=1)
             self._checkpoint(force=True)
         self._checkpoint(force=True)
@@ -159,12 +178,31 @@ class Worker:
         capacity = self.settings.worker.max_in_flight - self.tracker.uncommitted_count()
         self._apply_backpressure(capacity)
         timeout_ms = self.settings.worker.poll_timeout_ms
+        self.health.poll_loop_tick()
+        started = time.perf_counter()
         # max_records bounds what one poll admits, so in-flight work never exceeds the limit.
         batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max(capacity, 1))
+        if not batches:
+            self.waits.waited("poll", time.perf_counter() - started)
         for records in batches.values():
             for record in records:
                 self._admit(record)
         metrics.IN_FLIGHT.set(self.tracker.in_flight_count())
+        self._update_lag()
+
+    def _update_lag(self) -> None:
+        """Consumer lag per assigned partition, at most once a second."""
+        now = time.monotonic()
+        if now - self._lag_updated_at < 1.0:
+            return
+        self._lag_updated_at = now
+        lags = {}
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            position = self.tracker.position(tp)
+            if highwater is not None and position is not None:
+                lags[(tp.topic, tp.partition)] = max(highwater - position, 0)
+        metrics.set_consumer_lag(lags)
 
     def _admit(self, record: ConsumerRecord) -> None:
         metrics.REQUESTS_CONSUMED.inc()
@@ -182,13 +220,26 @@ class Worker:
             log=log.bind(topic=record.topic, partition=record.partition, offset=record.offset),
         )
         try:
-            item.request = parse_request(record.value, self.settings.fetch.max_inline_bytes)
-            item.log = item.log.bind(id=item.request.id)
+            requests = parse_requests(record.value, self.settings.fetch.max_inline_bytes)
+        except LabelstreamError as exc:
+            self._done.put(Outcome(item, error=exc))
+            return
+        # An S3 event may name several objects: one request each, one offset for all.
+        self.tracker.add_parts(ticket, len(requests))
+        self._outstanding += len(requests) - 1
+        for request in requests:
+            self._dispatch(dataclasses.replace(item, request=request, log=item.log.bind(id=request.id)))
+
+    def _dispatch(self, item: WorkItem) -> None:
+        assert item.request is not None
+        try:
             item.classifier = self.labeler.classifier_for(item.request.taxonomy)
         except LabelstreamError as exc:
             self._done.put(Outcome(item, error=exc))
             return
-        self._pool.submit(self._prepare, item)
+        with self._preparing_lock:
+            self._preparing += 1
+        self._pool.submit(self._prepare, item, time.perf_counter())
 
     def _apply_backpressure(self, capacity: int) -> None:
         limit = self.settings.worker.max_in_flight
@@ -225,8 +276,10 @@ class Worker:
         if not pending or time.monotonic() < self._next_publish_at or self._fatal:
             return
         outcomes, self._unpublished = self._unpublished, []
+        started = time.perf_counter()
         try:
-            self.checkpoint.commit(outcomes, in_rebalance=in_rebalance)
+            with self.health.working("publish"):
+                self.checkpoint.commit(outcomes, in_rebalance=in_rebalance)
         except PublishError as exc:
             self._unpublished = outcomes + self._unpublished
             self._publish_failed(exc)
@@ -238,6 +291,13 @@ class Worker:
             return
         self._publish_failing_since, self._publish_attempts = None, 0
         metrics.IN_FLIGHT.set(self.tracker.in_flight_count())
+        self._observe_published(outcomes, time.perf_counter() - started)
+
+    def _observe_published(self, outcomes: list[Outcome], seconds: float) -> None:
+        for outcome in outcomes:
+            metrics.observe_stage("publish", seconds)
+            metrics.observe_end_to_end(outcome.item.timestamp_ms)
+        self.waits.completed(len(outcomes))
 
     def _publish_failed(self, exc: PublishError) -> None:
         now = time.monotonic()
@@ -283,45 +343,66 @@ class Worker:
         self._checkpoint(force=True, release_held=True, in_rebalance=True)
         abandoned = self.tracker.in_flight_for(revoked)
         self.tracker.revoke(revoked)
+        self.health.partitions_removed(revoked)
         log.info("partitions_revoked", partitions=_names(revoked), abandoned=abandoned)
 
     def on_lost(self, lost: list[TopicPartition]) -> None:
         # We were evicted: another member may already own these, so commit nothing for them.
         self.tracker.revoke(lost)
+        self.health.partitions_removed(lost)
         log.warning("partitions_lost", partitions=_names(lost))
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
         self.tracker.assign(assigned)
+        self.health.partitions_added(assigned)
         if self._paused:
             self.consumer.pause(*assigned)
         log.info("partitions_assigned", partitions=_names(assigned))
 
     # -- the prepare pool ----------------------------------------------------
 
-    def _prepare(self, item: WorkItem) -> None:
-        assert item.request is not None
-        request = item.request
+    def _prepare(self, item: WorkItem, submitted: float) -> None:
+        self.waits.waited("prepare", time.perf_counter() - submitted)
+        try:
+            with self.health.working("prepare"):
+                outcome = self._prepare_item(item)
+        finally:
+            with self._preparing_lock:
+                self._preparing -= 1
+        if outcome is None:
+            self._ready.put(item)
+        else:
+            self._done.put(outcome)
+
+    def _prepare_item(self, item: WorkItem) -> Outcome | None:
+        """Fetch, decode, preprocess with retries; an Outcome if the item needs no model call."""
+        assert item.request is not None and item.classifier is not None
+        request, classifier = item.request, item.classifier
         try:
             item.prepared, _ = call_with_retries(
-                lambda: self.labeler.prepare(request.image, self.fetcher),
+                lambda: self.labeler.prepare_deduplicated(request.image, self.fetcher, classifier),
                 self.settings.retry,
                 cancelled=self._halt,
                 on_retry=lambda exc, attempt, delay: item.log.info(
                     "retrying", code=exc.code, attempt=attempt, backoff_s=round(delay, 3)),
             )
         except RetryOutcome as stopped:
-            self._done.put(Outcome(item, error=stopped.error, attempts=stopped.attempts))
-            return
+            return Outcome(item, error=stopped.error, attempts=stopped.attempts)
         except Exception as exc:  # noqa: BLE001 - nothing may vanish silently
-            self._done.put(Outcome(item, error=_unexpected(exc, "decode")))
-            return
-        self._ready.put(item)
+            return Outcome(item, error=_unexpected(exc, "decode"))
+        metrics.observe_stage("fetch", item.prepared.fetch_ms / 1000.0)
+        if item.prepared.cached is not None:
+            return Outcome(item, labels=item.prepared.cached, cache_hit=True)
+        metrics.observe_stage("decode", item.prepared.decode_ms / 1000.0)
+        return None
 
     # -- the inference thread ------------------------------------------------
 
     def _inference_loop(self) -> None:
         while not self._halt.is_set():
+            started = time.perf_counter()
             batch = self._batcher.next_batch(self._halt)
+            self.waits.waited("infer", time.perf_counter() - started)
             if batch:
                 metrics.BATCH_SIZE.observe(len(batch))
                 for outcome in self._label_batch(batch):
@@ -330,16 +411,34 @@ class Worker:
     def _label_batch(self, batch: list[WorkItem]) -> list[Outcome]:
         """Label a batch; on a model failure split it so one bad item fails alone."""
         try:
-            pixels = [item.prepared.pixels for item in batch if item.prepared is not None]
-            labels = self.labeler.label(pixels, [item.classifier for item in batch if item.classifier is not None])
+            with self.health.working("infer"):
+                labels = self.labeler.label([_pixels(item) for item in batch], [_classifier(item) for item in batch])
         except InferenceError as exc:
             if len(batch) == 1:
+                # Only a single image's failure counts against readiness: the split
+                # attempts of one poison batch would otherwise flip it at once.
+                self.health.inference_failed(exc.message)
                 return [Outcome(batch[0], error=exc)]
             half = len(batch) // 2
             return self._label_batch(batch[:half]) + self._label_batch(batch[half:])
         except Exception as exc:  # noqa: BLE001
+            self.health.inference_failed(str(exc))
             return [Outcome(item, error=_unexpected(exc, "infer")) for item in batch]
+        self.health.inference_succeeded()
+        for item, result in zip(batch, labels, strict=True):
+            metrics.observe_stage("infer", result.infer_ms / 1000.0)
+            self.labeler.remember(item.prepared.content_key if item.prepared else None, result)
         return [Outcome(item, labels=result) for item, result in zip(batch, labels, strict=True)]
+
+
+def _pixels(item: WorkItem) -> torch.Tensor:
+    assert item.prepared is not None and item.prepared.pixels is not None
+    return item.prepared.pixels
+
+
+def _classifier(item: WorkItem) -> ZeroShotClassifier:
+    assert item.classifier is not None
+    return item.classifier
 
 
 def _names(partitions: list[TopicPartition]) -> list[str]:

@@ -27,7 +27,9 @@ from labelstream.logs import configure_logging
 from pipeline.config import Settings, load_settings
 from pipeline.errors import PublishError
 from pipeline.fetch import ImageFetcher
+from pipeline.health import HealthState
 from pipeline.labeler import build_labeler
+from pipeline.metrics_server import start_ops_server
 
 log = structlog.get_logger("labelstream.run")
 
@@ -41,14 +43,30 @@ def run_worker(config_file: Path | None) -> int:
     settings = load_settings(config_file)
     configure_logging(settings.log)
     log.info("starting", settings=settings.model_dump(mode="json"))
+    # The ops server comes first, so /healthz answers and /readyz says "not ready" while the model loads.
+    health = HealthState.from_settings(settings.health)
+    ops = start_ops_server(settings.metrics, health)
+    try:
+        return _run_with_ops(settings, health)
+    finally:
+        if ops is not None:
+            ops.stop()
+
+
+def _run_with_ops(settings: Settings, health: HealthState) -> int:
     labeler = build_labeler(settings)
+    health.model_loaded()
+    health.classifiers_built()
+    warm_up_seconds = labeler.model.warm_up()
     log.info("model_ready", model=labeler.model.ref.model_dump(), device=str(labeler.model.device),
-             load_seconds=round(labeler.model.load_seconds, 2), taxonomies=labeler.registry.names())
+             load_seconds=round(labeler.model.load_seconds, 2), warm_up_seconds=warm_up_seconds,
+             taxonomies=labeler.registry.names(), preprocess=settings.preprocess.mode,
+             dedupe_entries=settings.cache.max_entries)
     producer = output_producer(settings)
     publisher = OutputPublisher(producer, settings.topics, labeler.model.ref, settings.kafka.produce_timeout_s,
                                 settings.kafka.group_id)
-    consumer = build_consumer(settings.kafka)
-    worker = Worker(settings, labeler, ImageFetcher(settings.s3, settings.fetch), consumer, publisher)
+    consumer = build_consumer(settings.kafka, read_committed=settings.delivery == "exactly_once")
+    worker = Worker(settings, labeler, ImageFetcher(settings.s3, settings.fetch), consumer, publisher, health)
     _install_signal_handlers(worker)
     # Taxonomy hot reload (files and the taxonomies topic) runs beside the worker.
     from consumers.taxonomy_feed import start_taxonomy_updates

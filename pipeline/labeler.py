@@ -15,6 +15,7 @@ import torch
 
 from pipeline.classifier import ZeroShotClassifier, as_numpy
 from pipeline.config import ImageSettings, Settings
+from pipeline.dedupe import DedupeCache, content_key
 from pipeline.preprocess import Preprocessor
 from pipeline.fetch import ImageFetcher
 from pipeline.model import LoadedModel
@@ -25,9 +26,13 @@ from schemas.requests import ImageSource
 
 @dataclass(frozen=True)
 class PreparedImage:
-    pixels: torch.Tensor
+    # None when `cached` holds the answer and the model is skipped.
+    pixels: torch.Tensor | None
     fetch_ms: float
     decode_ms: float
+    # SHA-256 of the image bytes, when deduplication is on.
+    content_key: str | None = None
+    cached: ImageLabels | None = None
 
 
 @dataclass(frozen=True)
@@ -47,12 +52,15 @@ class Labeler:
         registry: ClassifierRegistry,
         image_settings: ImageSettings,
         preprocessor: Preprocessor | None = None,
+        dedupe: DedupeCache[ImageLabels] | None = None,
     ) -> None:
         self.model = model
         self.registry = registry
         self.image_settings = image_settings
         # Exact mode (the default) is open_clip's own eval transform, byte for byte.
         self.preprocessor = preprocessor or Preprocessor(model.preprocess, model.preprocess_cfg, "exact")
+        # Not `dedupe or ...`: an empty cache has len() 0, so it is falsy.
+        self.dedupe: DedupeCache[ImageLabels] = dedupe if dedupe is not None else DedupeCache(0)
 
     def prepare_bytes(self, data: bytes, fetch_ms: float = 0.0) -> PreparedImage:
         started = time.perf_counter()
@@ -63,6 +71,37 @@ class Labeler:
         started = time.perf_counter()
         data = fetcher.fetch(source)
         return self.prepare_bytes(data, fetch_ms=_ms_since(started))
+
+    def prepare_deduplicated(
+        self, source: ImageSource, fetcher: ImageFetcher, classifier: ZeroShotClassifier
+    ) -> PreparedImage:
+        """Like `prepare`, but an exact duplicate of a recent image skips decoding and the model."""
+        started = time.perf_counter()
+        data = fetcher.fetch(source)
+        fetch_ms = _ms_since(started)
+        if not self.dedupe.enabled:
+            return self.prepare_bytes(data, fetch_ms)
+        key = content_key(data)
+        cached = self._cached_labels(key, classifier)
+        if cached is not None:
+            return PreparedImage(None, fetch_ms, 0.0, content_key=key, cached=cached)
+        return dataclasses.replace(self.prepare_bytes(data, fetch_ms), content_key=key)
+
+    def _cached_labels(self, key: str, classifier: ZeroShotClassifier) -> ImageLabels | None:
+        hit = self.dedupe.labels_for(key, classifier.version)
+        if hit is None:
+            return None
+        embedding, labels = hit
+        if labels is None:
+            # Seen before under another taxonomy version: the embedding still
+            # holds, only the classifier's matrix product is needed.
+            labels = self._score(torch.from_numpy(embedding.copy()), classifier)
+            self.dedupe.store(key, embedding, classifier.version, labels)
+        return labels
+
+    def remember(self, key: str | None, labels: ImageLabels) -> None:
+        if key is not None:
+            self.dedupe.store(key, labels.embedding, labels.taxonomy.version, labels)
 
     def classifier_for(self, taxonomy: str | None) -> ZeroShotClassifier:
         return self.registry.get(taxonomy)
@@ -108,4 +147,5 @@ def build_labeler(settings: Settings, model: LoadedModel | None = None) -> Label
     for classifier in classifiers:
         metrics.CLASSIFIER_BUILD_SECONDS.labels(taxonomy=classifier.taxonomy.name).set(classifier.build_seconds)
     registry = ClassifierRegistry(classifiers, default=default_name(settings.taxonomy, taxonomies))
-    return Labeler(model, registry, settings.image, Preprocessor.for_model(model, settings.preprocess))
+    preprocessor = Preprocessor.for_model(model, settings.preprocess)
+    return Labeler(model, registry, settings.image, preprocessor, DedupeCache(settings.cache.max_entries))

@@ -91,3 +91,11 @@ def set_consumer_lag(lags: Mapping[tuple[str, int], int]) -> None:
             CONSUMER_LAG.labels(*labels).set(lag)
         _lag_labels.clear()
         _lag_labels.update(current)
+
+STAGE_WAIT_SECONDS = Histogram(
+    "labelstream_stage_wait_seconds",
+    "Time a stage spent waiting for work (poll: for records; prepare: in the pool queue; "
+    "infer: for a batch; publish: for broker acknowledgements)",
+    ["stage"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
