@@ -1,6 +1,6 @@
 """`make bench`: one table, every comparison measured side by side in this run.
 
-    python -m bench.run                 # everything (about 8 minutes on 2 cores)
+    python -m bench.run                 # everything (about 9-10 minutes on 2 cores)
     python -m bench.run --only dedupe   # one row (repeatable)
     python -m bench.run --quick         # a few images per row: a smoke test, not a measurement
 

@@ -49,6 +49,11 @@ class Services:
     endpoint_url: str
     bucket: str
     s3: Any
+    # The S3 server's and the broker's processes, whose CPU shares the machine with the worker.
+    service_pids: tuple[int, ...] = ()
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds_of(pid) for pid in self.service_pids)
 
 
 @contextmanager
@@ -60,7 +65,13 @@ def running_services() -> Iterator[Services]:
         client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         client.create_bucket(Bucket=bucket)
-        yield Services(broker.bootstrap, s3_server.endpoint_url, bucket, client)
+        yield Services(broker.bootstrap, s3_server.endpoint_url, bucket, client, _pids(broker, s3_server))
+
+
+def _pids(*services: Any) -> tuple[int, ...]:
+    # EmbeddedBroker/EmbeddedS3 keep their Popen private; the bench only reads its pid for /proc.
+    procs = (getattr(getattr(service, "process", None), "_proc", None) for service in services)
+    return tuple(proc.pid for proc in procs if proc is not None)
 
 
 def upload(services: Services, files: list[Path], prefix: str) -> list[str]:
@@ -128,6 +139,8 @@ def worker_env(services: Services, topics: Topics, group: str, **extra: str) -> 
         "LABELSTREAM_TAXONOMY__WATCH_INTERVAL_S": "0",
         "LABELSTREAM_BATCH__MAX_SIZE": str(BATCH_SIZE),
         "LABELSTREAM_LOG__FORMAT": "json",
+        # No metrics server: the bench reads outputs and /proc, and port 9400 may be taken by another run.
+        "LABELSTREAM_METRICS__PORT": "0",
         **extra,
     }  # fmt: skip
 
@@ -157,6 +170,9 @@ class Worker:
     def rss_bytes(self) -> int:
         return rss_of(self.proc.pid)
 
+    def cpu_seconds(self) -> float:
+        return cpu_seconds_of(self.proc.pid)
+
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
             raise RuntimeError(f"worker exited {self.proc.returncode}; log {self.log_path}:\n{self.log_tail()}")
@@ -181,6 +197,12 @@ def running_worker(env: dict[str, str], name: str) -> Iterator[Worker]:
         yield worker
     finally:
         worker.stop()
+
+
+def cpu_seconds_of(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_of(pid: int) -> int:

@@ -141,7 +141,7 @@ class Checkpoint:
         except KafkaError as exc:
             self._abort(producer)
             raise PublishError(f"transaction failed: {exc}", retryable=True) from exc
-        self._publisher.discard_pending()
+        self._publisher.confirm()
         for ticket in tickets:
             self._tracker.finish(ticket)
         self._tracker.mark_committed(offsets)

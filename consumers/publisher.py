@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaProducer
@@ -30,6 +31,9 @@ class OutputPublisher:
         self._timeout_s = timeout_s
         self._group_id = group_id
         self._pending: list[Any] = []
+        # What the sent records mean, counted and logged only once the broker has them:
+        # a retried flush or an aborted transaction must not count twice.
+        self._unconfirmed: list[Callable[[], None]] = []
 
     @property
     def producer(self) -> KafkaProducer:
@@ -47,9 +51,7 @@ class OutputPublisher:
         embedding = EmbeddingRecord.from_vector(request.id, self._model, outcome.labels.embedding)
         self._send(self._topics.labels, key, label.model_dump_json().encode("utf-8"))
         self._send(self._topics.embeddings, key, embedding.model_dump_json().encode("utf-8"))
-        metrics.REQUESTS_LABELLED.labels(taxonomy=label.taxonomy.name).inc()
-        item.log.info("labelled", taxonomy_version=label.taxonomy.version, timings_ms=label.timings_ms.model_dump(),
-                      top=label.labels[0].label, outcome="labelled")
+        self._unconfirmed.append(lambda: _report_labelled(item.log, label))
 
     def wait_for_acks(self) -> None:
         """Block until every record sent so far is acknowledged (acks=all), or raise."""
@@ -62,11 +64,20 @@ class OutputPublisher:
         if failed:
             first = failed[0]
             reason = first.exception if first.is_done else "not acknowledged in time"
+            self._unconfirmed = []
             raise PublishError(f"{len(failed)} of {len(pending)} output records were not acknowledged: {reason}")
+        self.confirm()
+
+    def confirm(self) -> None:
+        """The broker has everything sent so far: count it and log it."""
+        reports, self._unconfirmed, self._pending = self._unconfirmed, [], []
+        for report in reports:
+            report()
 
     def discard_pending(self) -> None:
         """Forget sent-but-unconfirmed records (their transaction was aborted)."""
         self._pending = []
+        self._unconfirmed = []
 
     def _send(self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None = None) -> None:
         self._pending.append(self._producer.send(topic, key=key, value=value, headers=headers or []))
@@ -83,11 +94,23 @@ class OutputPublisher:
             # it without the value, saying so, rather than let it stall its partition for good.
             omitted = (VALUE_OMITTED_HEADER, str(len(item.value or b"")).encode())
             self._send(self._topics.dlq, item.key, b"", [*headers, omitted])
-        metrics.REQUESTS_FAILED.labels(code=error.code, stage=error.stage).inc()
-        taxonomy = item.classifier.taxonomy.name if item.classifier is not None else ""
-        metrics.DEAD_LETTERS.labels(code=error.code, taxonomy=taxonomy).inc()
-        item.log.warning("dead_lettered", code=error.code, stage=error.stage, retryable=error.retryable,
-                         attempts=outcome.attempts, error=error.message, outcome="dead_lettered")
+        self._unconfirmed.append(lambda: _report_dead_letter(outcome))
+
+
+def _report_labelled(item_log: Any, label: LabelRecord) -> None:
+    metrics.REQUESTS_LABELLED.labels(taxonomy=label.taxonomy.name).inc()
+    item_log.info("labelled", taxonomy_version=label.taxonomy.version, timings_ms=label.timings_ms.model_dump(),
+                  top=label.labels[0].label, cache_hit=label.cache_hit, outcome="labelled")
+
+
+def _report_dead_letter(outcome: Outcome) -> None:
+    item, error = outcome.item, outcome.error
+    assert error is not None
+    metrics.REQUESTS_FAILED.labels(code=error.code, stage=error.stage).inc()
+    taxonomy = item.classifier.taxonomy.name if item.classifier is not None else ""
+    metrics.DEAD_LETTERS.labels(code=error.code, taxonomy=taxonomy).inc()
+    item.log.warning("dead_lettered", code=error.code, stage=error.stage, retryable=error.retryable,
+                     attempts=outcome.attempts, error=error.message, outcome="dead_lettered")
 
 
 def dead_letter_headers(outcome: Outcome, group_id: str) -> DeadLetterHeaders:

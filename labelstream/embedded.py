@@ -146,7 +146,37 @@ def _new_log_path(prefix: str) -> Path:
     return Path(name)
 
 
-class EmbeddedBroker:
+class _EmbeddedService:
+    """A server process on a loopback port: started, probed until ready, stopped."""
+
+    port: int
+    startup_timeout_s: float
+    process: ServiceProcess
+
+    def start(self) -> None:
+        """Start, or restart on the same port."""
+        if not self.process.running:
+            require_free_port(self.port)
+        self.process.start()
+        self.process.wait_until_ready(self._is_ready, self.startup_timeout_s)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def _is_ready(self) -> bool:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedBroker(_EmbeddedService):
     """Tansu on a loopback port, memory storage: a restart loses every topic."""
 
     def __init__(self, port: int | None = None, startup_timeout_s: float = 20.0) -> None:
@@ -168,12 +198,6 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        if not self.process.running:
-            require_free_port(self.port)
-        self.process.start()
-        self.process.wait_until_ready(self._answers_metadata, self.startup_timeout_s)
-
     def pause(self) -> None:
         """Freeze the broker (SIGSTOP): connections stay open but nothing answers."""
         self.process.send_signal(signal.SIGSTOP)
@@ -181,21 +205,9 @@ class EmbeddedBroker:
     def resume(self) -> None:
         self.process.send_signal(signal.SIGCONT)
 
-    def stop(self) -> None:
-        self.process.stop()
-
-    def _answers_metadata(self) -> bool:
+    def _is_ready(self) -> bool:
         # The plain TCP check first spares the log kafka-python's connection errors.
         return port_accepts(self.port) and broker_answers_metadata(self.bootstrap)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def tansu_binary() -> str:
@@ -220,8 +232,8 @@ def broker_answers_metadata(bootstrap: str, timeout_ms: int = 2000) -> bool:
         admin.close()
 
 
-class EmbeddedS3:
-    """moto's S3 server on a loopback port; data lives in memory only."""
+class EmbeddedS3(_EmbeddedService):
+    """moto's S3 server on a loopback port; data lives in memory only, so a restart forgets every bucket."""
 
     def __init__(self, port: int | None = None, startup_timeout_s: float = 30.0) -> None:
         self.port = port or free_port()
@@ -233,27 +245,8 @@ class EmbeddedS3:
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        """Start, or restart on the same port (moto forgets every bucket)."""
-        if not self.process.running:
-            require_free_port(self.port)
-        self.process.start()
-        self.process.wait_until_ready(self._answers_http, self.startup_timeout_s)
-
-    def stop(self) -> None:
-        self.process.stop()
-
-    def _answers_http(self) -> bool:
+    def _is_ready(self) -> bool:
         return http_answers(self.endpoint_url)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def moto_server_command() -> list[str]:

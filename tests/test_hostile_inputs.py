@@ -25,10 +25,7 @@ import base64
 import io
 import json
 import os
-import signal
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -42,7 +39,7 @@ import boto3
 import numpy as np
 import pytest
 import yaml
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 from PIL import Image
 
@@ -55,8 +52,15 @@ from pipeline.labeler import Labeler, build_labeler
 from schemas.deadletter import DeadLetterHeaders
 from schemas.embeddings import EmbeddingRecord
 from schemas.labels import LabelRecord
+from tests.worker_process import (
+    WorkerProcess,
+    committed_offsets,
+    start_worker,
+    topic_reader,
+    true_end_offsets,
+    wait_for_commits,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 OTHER_ACCOUNT = "111111111111"
 TAXONOMY_CLASSES = ["dog", "cat", "flower", "textile", "city street"]
 TOP_K = 3
@@ -441,34 +445,6 @@ def produce(bootstrap: str, topic: str, placed: list[tuple[int, Case]]) -> list[
             for i, ((_, c), m) in enumerate(zip(placed, metadata, strict=True))]
 
 
-def true_end_offsets(topic: str, produced: list[Produced]) -> dict[TopicPartition, int]:
-    ends: dict[TopicPartition, int] = {}
-    for item in produced:
-        tp = TopicPartition(topic, item.partition)
-        ends[tp] = max(ends.get(tp, 0), item.offset + 1)
-    return ends
-
-
-def committed_offsets(bootstrap: str, group: str) -> dict[TopicPartition, int]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        answer = admin.list_group_offsets({group: None}).get(group, {})
-    finally:
-        admin.close()
-    return {tp: meta.offset for tp, meta in answer.items() if meta.offset >= 0}
-
-
-def wait_for_commits(bootstrap: str, group: str, expected: dict[TopicPartition, int], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    seen: dict[TopicPartition, int] = {}
-    while time.monotonic() < deadline:
-        seen = committed_offsets(bootstrap, group)
-        if seen == expected:
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"group {group} committed {seen}, expected {expected}")
-
-
 @dataclass
 class Outputs:
     labels: list[ConsumerRecord] = field(default_factory=list)
@@ -486,8 +462,7 @@ def read_outputs(bootstrap: str, topics: tuple[str, str, str], done: Callable[[O
     Gives up at once if the worker dies: that is the failure these cases hunt for.
     """
     labels_topic, embeddings_topic, dlq_topic = topics
-    reader = KafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                           enable_auto_commit=False)
+    reader = topic_reader(bootstrap, *topics)
     outputs = Outputs()
     by_topic = {labels_topic: outputs.labels, embeddings_topic: outputs.embeddings, dlq_topic: outputs.dead}
     deadline = time.monotonic() + timeout_s
@@ -509,48 +484,7 @@ def read_outputs(bootstrap: str, topics: tuple[str, str, str], done: Callable[[O
     return outputs
 
 
-# --- the worker subprocess --------------------------------------------------------
-
-
-@dataclass
-class WorkerProcess:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if event.get("event") == name:
-                    found.append(event)
-        return found
-
-    def tail(self, chars: int = 5000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"worker still running {timeout_s:.0f}s after SIGTERM:\n{self.tail()}") from None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-def start_worker(env: dict[str, str], log_dir: Path, name: str) -> WorkerProcess:
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "labelstream.cli", "run"], cwd=REPO_ROOT, env=env,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    return WorkerProcess(proc, log_path)
+# --- the worker subprocess (WorkerProcess, start_worker) lives in tests/worker_process.py ---
 
 
 def write_taxonomy(folder: Path) -> Path:
@@ -785,10 +719,10 @@ def test_every_hostile_input_gets_exactly_one_specific_terminal_output_and_the_w
         outputs = read_outputs(broker.bootstrap, main.outputs,
                                lambda o: o.terminal_count() >= len(produced) and len(o.embeddings) >= len(o.labels),
                                worker, OUTPUTS_TIMEOUT_S)
-        wait_for_commits(broker.bootstrap, group, true_end_offsets(main.requests, produced), 30)
+        wait_for_commits(broker.bootstrap, group, true_end_offsets(main.requests, produced), 30, exact=True)
         off_outputs = read_outputs(broker.bootstrap, off.outputs, lambda o: o.terminal_count() >= 2,
                                    off_worker, 30)
-        wait_for_commits(broker.bootstrap, off_group, true_end_offsets(off.requests, off_produced), 30)
+        wait_for_commits(broker.bootstrap, off_group, true_end_offsets(off.requests, off_produced), 30, exact=True)
 
         assert worker.proc.poll() is None, f"worker died:\n{worker.tail()}"
         assert off_worker.proc.poll() is None, f"url-off worker died:\n{off_worker.tail()}"
@@ -842,7 +776,7 @@ def test_a_record_too_big_to_dead_letter_verbatim_still_ends_in_one_dead_letter(
     try:
         produced = produce(broker.bootstrap, topics.requests, [(0, goods[0]), (0, book.cases[0]), (0, goods[1])])
         outputs = read_outputs(broker.bootstrap, topics.outputs, lambda o: o.terminal_count() >= 3, worker, 60)
-        wait_for_commits(broker.bootstrap, group, true_end_offsets(topics.requests, produced), 30)
+        wait_for_commits(broker.bootstrap, group, true_end_offsets(topics.requests, produced), 30, exact=True)
         assert worker.stop() == 0, worker.tail()
     finally:
         worker.kill()

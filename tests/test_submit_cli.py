@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from schemas.requests import Request
+from tests.worker_process import read_all
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBMIT_TIMEOUT_S = 120
-IDLE_GAP_S = 1.0
 
 
 def run_submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -26,34 +23,6 @@ def run_submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
         [sys.executable, "-m", "labelstream.cli", "submit", *args],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT_S, check=False,
     )
-
-
-def read_topic(bootstrap: str, topic: str, timeout_s: float = 20.0) -> list[ConsumerRecord]:
-    """Every record on `topic`.
-
-    Tansu's end offsets are only a lower bound (the last batch's base + 1), so
-    read at least that far, then until nothing new arrives for IDLE_GAP_S.
-    """
-    reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                           enable_auto_commit=False)
-    try:
-        partitions = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
-        reader.assign(partitions)
-        reader.seek_to_beginning()
-        at_least = reader.end_offsets(partitions)
-        records: list[ConsumerRecord] = []
-        deadline = time.monotonic() + timeout_s
-        last_new = time.monotonic()
-        while time.monotonic() < deadline:
-            for batch in reader.poll(timeout_ms=200).values():
-                records += batch
-                last_new = time.monotonic()
-            caught_up = all(reader.position(tp) >= end for tp, end in at_least.items())
-            if caught_up and time.monotonic() - last_new >= IDLE_GAP_S:
-                return records
-    finally:
-        reader.close()
-    raise AssertionError(f"could not read {topic} to its end within {timeout_s:.0f}s")
 
 
 def requests_in(records: list[ConsumerRecord]) -> list[Request]:
@@ -89,7 +58,7 @@ def test_submit_uploads_local_files_and_directories_then_produces_requests(
 
     assert result.returncode == 0, result.stderr
     assert f"submitted 4 requests to {topic}" in result.stdout
-    requests = requests_in(read_topic(broker.bootstrap, topic))
+    requests = requests_in(read_all(broker.bootstrap, topic))
     assert sorted(r.image.s3.key for r in requests if r.image.s3) == sorted(f"up/{name}" for name in local)
     for request in requests:
         s3 = request.image.s3
@@ -122,7 +91,7 @@ def test_submit_directory_tree_keeps_files_with_the_same_name_apart(
     result = run_submit(worker_env(LABELSTREAM_TOPICS__REQUESTS=topic), str(tmp_path / "trip"), "--bucket", bucket)
 
     assert result.returncode == 0, result.stderr
-    requests = requests_in(read_topic(broker.bootstrap, topic))
+    requests = requests_in(read_all(broker.bootstrap, topic))
     assert len({r.id for r in requests}) == 2, f"duplicate request ids: {[r.id for r in requests]}"
     uploaded = {r.image.s3.key: object_bytes(s3_client, bucket, r.image.s3.key) for r in requests if r.image.s3}
     assert sorted(uploaded.values()) == sorted(path.read_bytes() for path in sources.values())
@@ -146,7 +115,7 @@ def test_submit_s3_prefix_references_only_existing_keys_under_it(
 
     assert result.returncode == 0, result.stderr
     assert f"submitted {len(inside)} requests to {topic}" in result.stdout
-    requests = requests_in(read_topic(broker.bootstrap, topic))
+    requests = requests_in(read_all(broker.bootstrap, topic))
     assert sorted((r.image.s3.bucket, r.image.s3.key) for r in requests if r.image.s3) == [(bucket, k) for k in inside]
     assert all(r.taxonomy is None for r in requests)
     # Referencing keys must not upload or rewrite anything.
@@ -170,4 +139,4 @@ def test_submit_s3_uri_without_objects_fails_clearly_and_produces_nothing(
     assert result.returncode != 0
     assert uri in result.stderr and "no objects" in result.stderr
     assert "Traceback" not in result.stderr
-    assert read_topic(broker.bootstrap, topic) == []
+    assert read_all(broker.bootstrap, topic) == []

@@ -8,7 +8,6 @@ while requests keep flowing, and the on-disk classifier cache across restarts.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -31,6 +30,8 @@ from pipeline.model import LoadedModel, load_model
 from pipeline.registry import ClassifierRegistry
 from pipeline.taxonomy import parse_taxonomy
 from schemas.labels import LabelRecord
+from tests.worker_process import WorkerProcess
+from tests.worker_process import start_worker as launch_worker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = 6
@@ -63,65 +64,23 @@ ANIMALS = {
 # -- the worker subprocess and its JSON log -------------------------------------------------
 
 
-@dataclass
-class Worker:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if event.get("event") == name:
-                    found.append(event)
-        return found
-
-    def wait_for(self, name: str, accept: Callable[[dict[str, Any]], bool] = bool, timeout_s: float = EVENT_TIMEOUT_S) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            matching = [e for e in self.events(name) if accept(e)]
-            if matching:
-                return matching[0]
-            assert self.proc.poll() is None, f"worker exited with {self.proc.returncode}:\n{self.tail()}"
-            time.sleep(0.1)
-        raise AssertionError(f"no {name!r} within {timeout_s:.0f}s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-                raise AssertionError(f"worker ignored SIGTERM:\n{self.tail()}") from None
-        assert self.proc.returncode == 0, self.tail()
-
-    def tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+def stop_cleanly(worker: WorkerProcess) -> None:
+    """SIGTERM; the worker must exit 0 (the fixture kills it if it hangs)."""
+    code = worker.stop()
+    assert code == 0, worker.tail()
 
 
 @pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Worker]]:
-    started: list[Worker] = []
+def start_worker(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], WorkerProcess]]:
+    started: list[WorkerProcess] = []
 
-    def start(env: dict[str, str]) -> Worker:
-        log_path = tmp_path / f"worker-{len(started)}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "labelstream.cli", "run"], cwd=REPO_ROOT, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        started.append(Worker(proc, log_path))
+    def start(env: dict[str, str]) -> WorkerProcess:
+        started.append(launch_worker(env, tmp_path, f"worker-{len(started)}"))
         return started[-1]
 
     yield start
     for worker in started:
-        if worker.proc.poll() is None:
-            worker.proc.kill()
-            worker.proc.wait(timeout=10)
+        worker.kill()
 
 
 # -- one isolated setup per test: topics, bucket, photos, taxonomy folder ----------------------
@@ -247,7 +206,7 @@ def thresholds_between(scores: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def test_requests_pick_their_taxonomy_and_multi_label_records_hold_exactly_the_classes_over_threshold(
-    stage: Stage, model: LoadedModel, sample_photos: list[Path], start_worker: Callable[[dict[str, str]], Worker]
+    stage: Stage, model: LoadedModel, sample_photos: list[Path], start_worker: Callable[[dict[str, str]], WorkerProcess]
 ) -> None:
     photos = sample_photos[:PHOTOS]
     animal_scores = scores_by_key(model, ANIMALS, photos)
@@ -259,7 +218,7 @@ def test_requests_pick_their_taxonomy_and_multi_label_records_hold_exactly_the_c
     scene_scores = scores_by_key(model, SCENES, photos)
 
     worker = start_worker({**stage.env, "LABELSTREAM_TAXONOMY__DEFAULT": "scenes"})
-    worker.wait_for("worker_started", timeout_s=START_TIMEOUT_S)
+    worker.wait_for_event("worker_started", START_TIMEOUT_S)
     reader = LabelReader(stage)
     producer = producer_for(stage)
     for key in stage.keys:
@@ -271,7 +230,7 @@ def test_requests_pick_their_taxonomy_and_multi_label_records_hold_exactly_the_c
     expected_ids = [i for i in stage.produced if i != "unknown-taxonomy"]
     records = reader.wait_for_ids(expected_ids)
     reader.close()
-    worker.stop()
+    stop_cleanly(worker)
 
     for key in stage.keys:
         record = LabelRecord.model_validate(records[f"animals-{key}"])
@@ -287,38 +246,38 @@ def test_requests_pick_their_taxonomy_and_multi_label_records_hold_exactly_the_c
             assert record.selected is None
             assert [s.label for s in record.labels] == sorted(scene_scores[key], key=lambda n: -scene_scores[key][n])[:2]
     assert "unknown-taxonomy" not in records
-    assert "taxonomy.unknown" in worker.log_path.read_text()
+    assert "taxonomy.unknown" in worker.log_text()
     assert {e["taxonomy"] for e in worker.events("classifier_built")} == {"animals", "scenes"}
 
 
 def test_a_second_start_with_the_same_taxonomies_loads_the_classifiers_from_the_cache(
-    stage: Stage, start_worker: Callable[[dict[str, str]], Worker]
+    stage: Stage, start_worker: Callable[[dict[str, str]], WorkerProcess]
 ) -> None:
     write(stage.directory / "animals.yaml", ANIMALS)
     write(stage.directory / "scenes.yaml", SCENES)
     env = {**stage.env, "LABELSTREAM_TAXONOMY__FEED_ENABLED": "false"}
     first = start_worker(env)
-    first.wait_for("worker_started", timeout_s=START_TIMEOUT_S)
-    first.stop()
+    first.wait_for_event("worker_started", START_TIMEOUT_S)
+    stop_cleanly(first)
     assert {e["taxonomy"] for e in first.events("classifier_built")} == {"animals", "scenes"}
     assert not first.events("classifier_cache_hit")
 
     second = start_worker(env)
-    second.wait_for("worker_started", timeout_s=START_TIMEOUT_S)
-    second.stop()
+    second.wait_for_event("worker_started", START_TIMEOUT_S)
+    stop_cleanly(second)
     assert {e["taxonomy"] for e in second.events("classifier_cache_hit")} == {"animals", "scenes"}
     assert not second.events("classifier_built")
 
 
 def test_hot_reload_from_file_and_topic_while_consuming_loses_and_duplicates_nothing(
-    stage: Stage, model: LoadedModel, start_worker: Callable[[dict[str, str]], Worker], tmp_path: Path
+    stage: Stage, model: LoadedModel, start_worker: Callable[[dict[str, str]], WorkerProcess], tmp_path: Path
 ) -> None:
     path = write(stage.directory / "scenes.yaml", SCENES)
     second = {**SCENES, "classes": [*SCENES["classes"], "desert"]}
     third = {**SCENES, "classes": [*SCENES["classes"], "glacier"]}
     v1, v2, v3 = (parse_taxonomy(yaml.safe_dump(d)).version(model.identity) for d in (SCENES, second, third))
     worker = start_worker(stage.env)
-    worker.wait_for("worker_started", timeout_s=START_TIMEOUT_S)
+    worker.wait_for_event("worker_started", START_TIMEOUT_S)
     reader = LabelReader(stage)
     stream = RequestStream(stage)
     stream.start()
@@ -326,11 +285,11 @@ def test_hot_reload_from_file_and_topic_while_consuming_loses_and_duplicates_not
         first = stream.wait_until_sent(5)
         assert {r["taxonomy"]["version"] for r in reader.wait_for_ids(first).values()} == {v1}
         write(path, second)
-        worker.wait_for("taxonomy_loaded", lambda e: e["version"] == v2)
+        worker.wait_for_event("taxonomy_loaded", EVENT_TIMEOUT_S, lambda e: e["version"] == v2)
         after_file_edit = stream.mark()
 
         path.write_text(yaml.safe_dump(second).replace("top_k: 2", "top_k: zero"))
-        rejected = worker.wait_for("taxonomy_rejected")
+        rejected = worker.wait_for_event("taxonomy_rejected", EVENT_TIMEOUT_S)
         after_invalid_edit = stream.mark()
 
         published = write(tmp_path / "scenes-v3.yaml", third)
@@ -338,7 +297,7 @@ def test_hot_reload_from_file_and_topic_while_consuming_loses_and_duplicates_not
                                  cwd=REPO_ROOT, env=stage.env, capture_output=True, text=True, timeout=60)
         assert publish.returncode == 0, publish.stderr
         assert f"published scenes version {v3}" in publish.stdout
-        worker.wait_for("taxonomy_loaded", lambda e: e["version"] == v3)
+        worker.wait_for_event("taxonomy_loaded", EVENT_TIMEOUT_S, lambda e: e["version"] == v3)
         after_publish = stream.mark()
         time.sleep(1.0)
     finally:
@@ -346,7 +305,7 @@ def test_hot_reload_from_file_and_topic_while_consuming_loses_and_duplicates_not
     records = reader.wait_for_ids(stream.sent_after(0))
     counts = Counter(r["id"] for r in reader.records)
     reader.close()
-    worker.stop()
+    stop_cleanly(worker)
 
     assert set(counts) == set(stream.sent_after(0)) and max(counts.values()) == 1, "every id exactly once"
     version_of = {request_id: records[request_id]["taxonomy"]["version"] for request_id in counts}

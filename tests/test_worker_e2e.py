@@ -11,28 +11,33 @@ from __future__ import annotations
 import base64
 import io
 import json
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import yaml
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from PIL import Image
 
 from schemas.deadletter import DeadLetterHeaders
 from schemas.embeddings import EmbeddingRecord
 from schemas.labels import LabelRecord
+from tests.worker_process import (
+    WorkerProcess,
+    assigned_reader,
+    committed_offsets,
+    produce,
+    read_all,
+    start_worker,
+    true_end_offsets,
+    wait_for_commits,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUEST_COUNT = 210
 PARTITIONS = 3
 TAXONOMY_NAME = "e2e-objects"
@@ -43,136 +48,11 @@ LABELS_TIMEOUT_S = 120.0
 COMMIT_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
 SECOND_RUN_S = 10.0
-IDLE_GAP_S = 1.0
 # The worker's log event for an input that ends without labels ("dead_lettered" since the DLQ landed).
 REJECTION_EVENTS = ("rejected", "dead_lettered")
 
 
-# -- the worker subprocess ----------------------------------------------------
-
-
-@dataclass
-class WorkerProcess:
-    proc: subprocess.Popen[bytes]
-    stdout_path: Path
-    stderr_path: Path
-
-    def log_text(self) -> str:
-        return self.stderr_path.read_text(errors="replace") + self.stdout_path.read_text(errors="replace")
-
-    def events(self) -> list[dict[str, Any]]:
-        """The JSON log lines (structlog writes them to stderr); other lines are skipped."""
-        found = []
-        for line in self.stderr_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    found.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return found
-
-    def events_named(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events() if e.get("event") == name]
-
-    def wait_for_event(self, name: str, timeout_s: float, accept: Callable[[dict[str, Any]], bool] = bool) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            matching = [e for e in self.events_named(name) if accept(e)]
-            if matching:
-                return matching[0]
-            self.assert_alive()
-            time.sleep(0.2)
-        raise AssertionError(f"no {name!r} log line within {timeout_s:.0f}s:\n{self.tail()}")
-
-    def assert_alive(self) -> None:
-        assert self.proc.poll() is None, f"worker exited {self.proc.returncode} early:\n{self.tail()}"
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
-        """SIGTERM, then wait; the exit code, or an assertion error if it hangs."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"worker still running {timeout_s:.0f}s after SIGTERM:\n{self.tail()}") from None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def tail(self, chars: int = 4000) -> str:
-        return self.log_text()[-chars:]
-
-
-def start_worker(env: dict[str, str], log_dir: Path, name: str, config: Path | None = None) -> WorkerProcess:
-    argv = [sys.executable, "-m", "labelstream.cli", "run"] + (["--config", str(config)] if config else [])
-    stdout_path, stderr_path = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
-    with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-    return WorkerProcess(proc, stdout_path, stderr_path)
-
-
-# -- broker helpers -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Produced:
-    partition: int
-    offset: int
-
-
-def produce(bootstrap: str, topic: str, messages: Iterable[tuple[int, bytes | None, bytes | None]]) -> list[Produced]:
-    """Send (partition, key, value) with acks=all; where each one landed, in order."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    try:
-        futures = [producer.send(topic, key=key, value=value, partition=p) for p, key, value in messages]
-        producer.flush(timeout=30)
-        metadata = [f.get(timeout=30) for f in futures]
-    finally:
-        producer.close()
-    return [Produced(m.partition, m.offset) for m in metadata]
-
-
-def true_end_offsets(topic: str, produced: list[Produced]) -> dict[TopicPartition, int]:
-    ends: dict[TopicPartition, int] = {}
-    for item in produced:
-        tp = TopicPartition(topic, item.partition)
-        ends[tp] = max(ends.get(tp, 0), item.offset + 1)
-    return ends
-
-
-def committed_offsets(bootstrap: str, group: str) -> dict[TopicPartition, int]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        answer = admin.list_group_offsets({group: None}).get(group, {})
-    finally:
-        admin.close()
-    return {tp: meta.offset for tp, meta in answer.items() if meta.offset >= 0}
-
-
-def wait_for_commits(
-    bootstrap: str, group: str, expected: dict[TopicPartition, int], timeout_s: float, worker: WorkerProcess
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    seen: dict[TopicPartition, int] = {}
-    while time.monotonic() < deadline:
-        worker.assert_alive()
-        seen = committed_offsets(bootstrap, group)
-        if all(seen.get(tp) == end for tp, end in expected.items()):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"group {group} committed {seen}, expected {expected} within {timeout_s:.0f}s")
-
-
-def topic_reader(bootstrap: str, *topics: str) -> KafkaConsumer:
-    """A group-less reader of every partition from the beginning: it joins no group and commits nothing."""
-    reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                           enable_auto_commit=False)
-    partitions = [TopicPartition(t, p) for t in topics for p in sorted(reader.partitions_for_topic(t))]
-    assert len(partitions) >= len(topics), f"no partitions found for {topics}"
-    reader.assign(partitions)
-    reader.seek_to_beginning()
-    return reader
+# -- reading outputs back (the worker subprocess and broker helpers live in tests/worker_process.py) --
 
 
 def read_until(
@@ -188,32 +68,8 @@ def read_until(
     return records
 
 
-def read_to_end(reader: KafkaConsumer, timeout_s: float = 20.0) -> list[ConsumerRecord]:
-    """Everything left to read.
-
-    Tansu's end offsets are only a lower bound (the last batch's base + 1), so
-    read at least that far, then until nothing new arrives for IDLE_GAP_S.
-    """
-    at_least = reader.end_offsets(list(reader.assignment()))
-    records: list[ConsumerRecord] = []
-    deadline = time.monotonic() + timeout_s
-    last_new = time.monotonic()
-    while time.monotonic() < deadline:
-        for batch in reader.poll(timeout_ms=200).values():
-            records += batch
-            last_new = time.monotonic()
-        caught_up = all(reader.position(tp) >= end for tp, end in at_least.items())
-        if caught_up and time.monotonic() - last_new >= IDLE_GAP_S:
-            return records
-    raise AssertionError(f"could not read to the end of {sorted(at_least)} within {timeout_s:.0f}s")
-
-
 def count_records(bootstrap: str, *topics: str) -> Counter[str]:
-    reader = topic_reader(bootstrap, *topics)
-    try:
-        return Counter(record.topic for record in read_to_end(reader))
-    finally:
-        reader.close()
+    return Counter(record.topic for record in read_all(bootstrap, *topics))
 
 
 # -- request and taxonomy builders ---------------------------------------------------
@@ -290,7 +146,7 @@ def assert_embedding_record(document: dict[str, Any]) -> None:
 
 
 def assert_clean_stop(worker: WorkerProcess) -> None:
-    code = worker.stop()
+    code = worker.stop(STOP_TIMEOUT_S)
     assert code == 0, f"worker exited {code}:\n{worker.tail()}"
     names = {e.get("event") for e in worker.events()}
     assert {"draining", "drained", "stopped"} <= names, worker.tail()
@@ -333,12 +189,12 @@ def test_worker_labels_every_request_once_commits_and_a_restart_reprocesses_noth
         LABELSTREAM_KAFKA__GROUP_ID=group,
         LABELSTREAM_TAXONOMY__PATH=str(write_taxonomy(tmp_path)),
     )
-    reader = topic_reader(broker.bootstrap, labels_topic, embeddings_topic)
+    reader = assigned_reader(broker.bootstrap, labels_topic, embeddings_topic)
     first = start_worker(env, tmp_path, "first")
     try:
         outputs = read_until(reader, lambda got: len({(r.topic, r.key) for r in got}) >= 2 * REQUEST_COUNT,
                              LABELS_TIMEOUT_S, first)
-        wait_for_commits(broker.bootstrap, group, true_end_offsets(requests_topic, produced), COMMIT_TIMEOUT_S, first)
+        wait_for_commits(broker.bootstrap, group, true_end_offsets(requests_topic, produced), COMMIT_TIMEOUT_S, first.assert_alive)
         assert_clean_stop(first)
     finally:
         first.kill()
@@ -356,7 +212,7 @@ def test_worker_labels_every_request_once_commits_and_a_restart_reprocesses_noth
         assert_label_record(labels_by_id[rid][0], metadata[rid], sources[rid])
         assert_embedding_record(embeddings_by_id[rid][0])
     assert len({d[0]["taxonomy"]["version"] for d in labels_by_id.values()}) == 1
-    assert len(first.events_named("labelled")) == REQUEST_COUNT
+    assert len(first.events("labelled")) == REQUEST_COUNT
     assert not [e for e in first.events() if e.get("event") in REJECTION_EVENTS]
 
     before = count_records(broker.bootstrap, labels_topic, embeddings_topic, dlq_topic)
@@ -370,7 +226,7 @@ def test_worker_labels_every_request_once_commits_and_a_restart_reprocesses_noth
         assert_clean_stop(second)
     finally:
         second.kill()
-    assert not second.events_named("labelled"), "the restarted worker reprocessed committed requests"
+    assert not second.events("labelled"), "the restarted worker reprocessed committed requests"
     assert count_records(broker.bootstrap, labels_topic, embeddings_topic, dlq_topic) == before
     assert committed_offsets(broker.bootstrap, group) == true_end_offsets(requests_topic, produced)
 
@@ -402,11 +258,7 @@ def invalid_requests(bucket: str, key: str, uid: str) -> list[tuple[bytes | None
 
 
 def dead_letters_by_offset(bootstrap: str, topic: str) -> dict[int, tuple[DeadLetterHeaders, Any]]:
-    reader = topic_reader(bootstrap, topic)
-    try:
-        records = read_to_end(reader)
-    finally:
-        reader.close()
+    records = read_all(bootstrap, topic)
     found = {}
     for record in records:
         headers = DeadLetterHeaders.from_kafka_headers(list(record.headers))
@@ -454,22 +306,22 @@ def test_worker_rejects_bad_requests_keeps_labelling_and_takes_yaml_config_under
     originals = {p.offset: (k, v) for p, k, v in zip(produced, keys, interleaved, strict=True)}
 
     env = worker_env(LABELSTREAM_TOPICS__LABELS=env_labels_topic)
-    reader = topic_reader(broker.bootstrap, env_labels_topic)
+    reader = assigned_reader(broker.bootstrap, env_labels_topic)
     worker = start_worker(env, tmp_path, "bad-requests", config=config)
     try:
         labels = read_until(reader, lambda got: len(got) >= len(good_ids), LABELS_TIMEOUT_S, worker)
-        wait_for_commits(broker.bootstrap, group, true_end_offsets(requests_topic, produced), COMMIT_TIMEOUT_S, worker)
+        wait_for_commits(broker.bootstrap, group, true_end_offsets(requests_topic, produced), COMMIT_TIMEOUT_S, worker.assert_alive)
         assert worker.proc.poll() is None, f"worker died on bad input:\n{worker.tail()}"
         assert_clean_stop(worker)
     finally:
         worker.kill()
         reader.close()
 
-    effective = worker.events_named("starting")[0]["settings"]
+    effective = worker.events("starting")[0]["settings"]
     assert effective["topics"]["labels"] == env_labels_topic
     assert (effective["topics"]["requests"], effective["fetch"]["max_inline_bytes"]) == (requests_topic, 1000)
     assert sorted(by_id(labels)) == sorted(good_ids)
-    assert len(worker.events_named("labelled")) == len(good_ids)
+    assert len(worker.events("labelled")) == len(good_ids)
     rejected = {e["offset"]: e for e in worker.events() if e.get("event") in REJECTION_EVENTS}
     assert {o: rejected.get(o, {}).get("code") for o in bad_offsets} == bad_offsets, worker.tail()
     assert all(e.get("error") and e.get("stage") for e in rejected.values())

@@ -100,9 +100,12 @@ class WorkerProcess:
             self.proc.kill()
         self.proc.wait(timeout=30)
 
+    def log_text(self) -> str:
+        """Everything the process wrote so far: stderr, then stdout."""
+        return self.stderr_path.read_text(errors="replace") + self.stdout_path.read_text(errors="replace")
+
     def tail(self, chars: int = 4000) -> str:
-        text = self.stderr_path.read_text(errors="replace") + self.stdout_path.read_text(errors="replace")
-        return text[-chars:]
+        return self.log_text()[-chars:]
 
 
 def start_worker(env: dict[str, str], log_dir: Path, name: str, config: Path | None = None) -> WorkerProcess:
@@ -162,14 +165,19 @@ def wait_for_commits(
     expected: dict[TopicPartition, int],
     timeout_s: float,
     alive: Callable[[], None] = lambda: None,
+    exact: bool = False,
 ) -> None:
-    """Until the group has committed exactly `expected`; `alive` may raise to fail fast."""
+    """Until the group has committed exactly `expected`; `alive` may raise to fail fast.
+
+    By default partitions outside `expected` are ignored; with `exact` the whole
+    committed map must equal `expected` (no extra partitions).
+    """
     deadline = time.monotonic() + timeout_s
     seen: dict[TopicPartition, int] = {}
     while time.monotonic() < deadline:
         alive()
         seen = committed_offsets(bootstrap, group)
-        if all(seen.get(tp) == end for tp, end in expected.items()):
+        if (seen == expected) if exact else all(seen.get(tp) == end for tp, end in expected.items()):
             return
         time.sleep(0.5)
     raise AssertionError(f"group {group} committed {seen}, expected {expected} within {timeout_s:.0f}s")
@@ -185,6 +193,50 @@ def topic_reader(bootstrap: str, *topics: str, read_committed: bool = False) -> 
         enable_auto_commit=False,
         isolation_level="read_committed" if read_committed else "read_uncommitted",
     )
+
+
+def assigned_reader(bootstrap: str, *topics: str) -> KafkaConsumer:
+    """A group-less reader assigned every partition of `topics`, from the beginning.
+
+    Unlike `topic_reader`, its assignment is known at once, so `read_to_end`
+    can ask for end offsets before the first poll.
+    """
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+                           enable_auto_commit=False)
+    partitions = [TopicPartition(t, p) for t in topics for p in sorted(reader.partitions_for_topic(t))]
+    assert len(partitions) >= len(topics), f"no partitions found for {topics}"
+    reader.assign(partitions)
+    reader.seek_to_beginning()
+    return reader
+
+
+def read_to_end(reader: KafkaConsumer, timeout_s: float = 20.0, idle_s: float = 1.0) -> list[ConsumerRecord]:
+    """Everything left to read on an assigned reader.
+
+    Tansu's end offsets are only a lower bound (the last batch's base + 1), so
+    read at least that far, then until nothing new arrives for `idle_s`.
+    """
+    at_least = reader.end_offsets(list(reader.assignment()))
+    records: list[ConsumerRecord] = []
+    deadline = time.monotonic() + timeout_s
+    last_new = time.monotonic()
+    while time.monotonic() < deadline:
+        for batch in reader.poll(timeout_ms=200).values():
+            records += batch
+            last_new = time.monotonic()
+        caught_up = all(reader.position(tp) >= end for tp, end in at_least.items())
+        if caught_up and time.monotonic() - last_new >= idle_s:
+            return records
+    raise AssertionError(f"could not read to the end of {sorted(at_least)} within {timeout_s:.0f}s")
+
+
+def read_all(bootstrap: str, *topics: str, timeout_s: float = 20.0) -> list[ConsumerRecord]:
+    """Every record on `topics`, read to the end by a throwaway `assigned_reader`."""
+    reader = assigned_reader(bootstrap, *topics)
+    try:
+        return read_to_end(reader, timeout_s)
+    finally:
+        reader.close()
 
 
 class OutputCollector:
