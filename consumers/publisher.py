@@ -110,7 +110,18 @@ def _report_dead_letter(outcome: Outcome) -> None:
     taxonomy = item.classifier.taxonomy.name if item.classifier is not None else ""
     metrics.DEAD_LETTERS.labels(code=error.code, taxonomy=taxonomy).inc()
     item.log.warning("dead_lettered", code=error.code, stage=error.stage, retryable=error.retryable,
-                     attempts=outcome.attempts, error=error.message, outcome="dead_lettered")
+                     attempts=outcome.attempts, error=error.message, outcome="dead_lettered",
+                     taxonomy_version=item.classifier.version if item.classifier is not None else None,
+                     timings_ms=_partial_timings(outcome))
+
+
+def _partial_timings(outcome: Outcome) -> dict[str, float]:
+    """The stages a failed input got through, so slow failures are visible too."""
+    prepared = outcome.item.prepared
+    timings = {"total": round(outcome.total_ms(), 3)}
+    if prepared is not None:
+        timings.update(fetch=round(prepared.fetch_ms, 3), decode=round(prepared.decode_ms, 3))
+    return timings
 
 
 def dead_letter_headers(outcome: Outcome, group_id: str) -> DeadLetterHeaders:
