@@ -14,7 +14,6 @@ import io
 import json
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from tests.worker_process import (
     true_end_offsets,
     wait_for_commits,
 )
+from tests.terminal_screen import TmuxRunner, private_tmux, wait_for_pane
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG_PATH = REPO_ROOT / "pipeline" / "data" / "tiny-convnext-clip.json"
@@ -330,28 +330,9 @@ def check_top_once(base: str, total: int) -> None:
 
 
 @pytest.fixture
-def tmux() -> Iterator[Callable[..., str]]:
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed (apt-get install -y tmux)")
-    socket_name = f"labelstream-ops-{uuid.uuid4().hex[:8]}"
-
-    def run(*args: str) -> str:
-        return subprocess.run(["tmux", "-L", socket_name, *args], capture_output=True, text=True, check=True,
-                              timeout=30).stdout
-
-    yield run
-    subprocess.run(["tmux", "-L", socket_name, "kill-server"], capture_output=True, timeout=30)
-
-
-def wait_for_pane(tmux: Callable[..., str], pattern: str, timeout_s: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    screen = ""
-    while time.monotonic() < deadline:
-        screen = tmux("capture-pane", "-p", "-t", "top")
-        if re.search(pattern, screen, re.MULTILINE):
-            return screen
-        time.sleep(0.2)
-    raise AssertionError(f"pane never matched {pattern!r}; it shows:\n{screen}")
+def tmux() -> Iterator[TmuxRunner]:
+    with private_tmux("labelstream-ops") as run:
+        yield run
 
 
 def check_top_refreshes(sys_: System, tmux: Callable[..., str], worker: WorkerProcess, bucket: str,

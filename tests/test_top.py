@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from labelstream.top import Histogram, Snapshot, base_url, histograms, parse_sam
 from pipeline import metrics
 from pipeline.health import HealthState
 from pipeline.metrics_server import OpsServer
+from tests.terminal_screen import TmuxRunner, private_tmux, wait_for_pane
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "top-test.requests"
@@ -160,29 +159,9 @@ def test_top_once_fails_cleanly_when_nothing_listens() -> None:
 
 
 @pytest.fixture
-def tmux() -> Iterator[Callable[..., str]]:
-    """A private tmux server (its own socket), killed afterwards; yields a tmux runner."""
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed (apt-get install -y tmux)")
-    socket_name = f"labelstream-top-{uuid.uuid4().hex[:8]}"
-
-    def run(*args: str) -> str:
-        return subprocess.run(["tmux", "-L", socket_name, *args], capture_output=True, text=True, check=True,
-                              timeout=30).stdout
-
-    yield run
-    subprocess.run(["tmux", "-L", socket_name, "kill-server"], capture_output=True, timeout=30)
-
-
-def wait_for_pane(tmux: Callable[..., str], pattern: str, timeout_s: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    screen = ""
-    while time.monotonic() < deadline:
-        screen = tmux("capture-pane", "-p", "-t", "top")
-        if re.search(pattern, screen, re.MULTILINE):
-            return screen
-        time.sleep(0.2)
-    raise AssertionError(f"pane never matched {pattern!r}; it shows:\n{screen}")
+def tmux() -> Iterator[TmuxRunner]:
+    with private_tmux("labelstream-top") as run:
+        yield run
 
 
 def test_top_refreshes_live_in_a_terminal(server: OpsServer, health: HealthState, tmux: Callable[..., str]) -> None:
