@@ -113,7 +113,7 @@ def _label_with_worker(settings: Settings, model: LoadedModel, expected: int) ->
     labeler = build_labeler(settings, model=model)
     producer = build_producer(settings.kafka)
     publisher = OutputPublisher(
-        producer, settings.topics, model.ref, settings.kafka.produce_timeout_s, settings.kafka.group_id
+        producer, settings.topics, model.ref, settings.kafka.ack_wait_s(), settings.kafka.group_id
     )
     consumer = build_consumer(settings.kafka)
     worker = Worker(settings, labeler, ImageFetcher(settings.s3, settings.fetch), consumer, publisher)

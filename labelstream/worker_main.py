@@ -63,7 +63,7 @@ def _run_with_ops(settings: Settings, health: HealthState) -> int:
              taxonomies=labeler.registry.names(), preprocess=settings.preprocess.mode,
              dedupe_entries=settings.cache.max_entries)
     producer = output_producer(settings)
-    publisher = OutputPublisher(producer, settings.topics, labeler.model.ref, settings.kafka.produce_timeout_s,
+    publisher = OutputPublisher(producer, settings.topics, labeler.model.ref, settings.kafka.ack_wait_s(),
                                 settings.kafka.group_id)
     consumer = build_consumer(settings.kafka, read_committed=settings.delivery == "exactly_once")
     worker = Worker(settings, labeler, ImageFetcher(settings.s3, settings.fetch), consumer, publisher, health)

@@ -51,6 +51,14 @@ class KafkaSettings(_Section):
     max_poll_records: int = Field(500, gt=0)
     request_timeout_ms: int = Field(30_000, gt=0)
     produce_timeout_s: float = Field(30.0, gt=0)
+
+    def ack_wait_s(self) -> float:
+        """How long the poll thread may wait for acknowledgements in one checkpoint.
+
+        Capped at a third of max_poll_interval_ms: a stalled broker must make the
+        checkpoint retry later, not hold the poll thread until the group evicts us.
+        """
+        return min(self.produce_timeout_s, self.max_poll_interval_ms / 3000.0)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
