@@ -28,17 +28,8 @@ from bench.corpus import CACHE_DIR, tiny_model_files
 from bench.stream import BATCH_SIZE
 
 CLASSES = ("nominal", "local", "global")
-TEXTILE_TAXONOMY = """
-name: textile
-templates: ["a photo of {} fabric.", "a close-up photo of {} cloth."]
-classes:
-  - name: nominal
-    prompts: [flawless woven textile]
-  - name: local
-    prompts: [textile with a small local defect]
-  - name: global
-    prompts: [textile with a defect all over]
-"""
+# One copy of the taxonomy, shared with the eval tests.
+TEXTILE_TAXONOMY = (Path(__file__).resolve().parent.parent / "examples" / "textile.yaml").read_text()
 # The prompt iteration: other prompts and an extra template, same classes.
 REWORDED_TAXONOMY = (
     TEXTILE_TAXONOMY.replace("flawless woven textile", "perfect plain textile")

@@ -31,17 +31,7 @@ LOCAL_TOTAL = sum(LOCAL_SUPPORT.values())
 S3_PER_CLASS = 100
 TARGET_PRECISION = 0.6
 
-SINGLE_LABEL = """
-name: textile
-templates: ["a photo of {} fabric.", "a close-up photo of {} cloth."]
-classes:
-  - name: nominal
-    prompts: [flawless woven textile]
-  - name: local
-    prompts: [textile with a small local defect]
-  - name: global
-    prompts: [textile with a defect all over]
-"""
+SINGLE_LABEL = (Path(__file__).resolve().parent.parent / "examples" / "textile.yaml").read_text()
 REWORDED = SINGLE_LABEL.replace("flawless woven textile", "perfect plain textile").replace("all over", "everywhere")
 MULTI_LABEL = SINGLE_LABEL.replace("name: textile\n", "name: textile-ml\nmode: multi_label\n")
 

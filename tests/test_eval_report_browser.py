@@ -22,18 +22,12 @@ ARTIFACTS = REPO_ROOT / "artifacts"
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CLASSES = ("nominal", "local", "global")
 PER_CLASS = 30
-TAXONOMY = """
-name: textile-audit
-mode: multi_label
-templates: ["a photo of {} fabric."]
-classes:
-  - name: nominal
-    prompts: [flawless woven textile]
-  - name: local
-    prompts: [textile with a small local defect]
-  - name: global
-    prompts: [textile with a defect all over]
-"""
+# The shared textile taxonomy, as a multi-label audit with one template.
+TAXONOMY = (
+    (REPO_ROOT / "examples" / "textile.yaml").read_text()
+    .replace("name: textile\n", "name: textile-audit\nmode: multi_label\n")
+    .replace('"a photo of {} fabric.", "a close-up photo of {} cloth."', '"a photo of {} fabric."')
+)
 # Chromium's own background traffic (updates, sync, field trials) is off, so any request would be the page's.
 CHROME_FLAGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
