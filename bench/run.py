@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from bench import rows
+from bench import http_latency, rows
 from bench.table import Row, error_row, exit_code, render
 
 ROWS: dict[str, Callable[[rows.Bench], list[Row]]] = {
@@ -30,6 +30,7 @@ ROWS: dict[str, Callable[[rows.Bench], list[Row]]] = {
     "memory": rows.memory,
     "latency": rows.latency,
     "eval_prompt_iteration": rows.eval_prompt_iteration,
+    "http_latency": http_latency.http_latency,
 }
 
 

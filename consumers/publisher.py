@@ -1,4 +1,11 @@
-"""Producing the outputs of finished inputs, and confirming the broker has them."""
+"""Producing the outputs of finished inputs, and confirming the broker has them.
+
+Per labelled input: the label record, the embedding record and, when the
+taxonomy's routing rules select one, a routed record on that rule's topic
+(schemas/routes.py). All of them go through `publish`, so the Checkpoint
+confirms (or, in exactly-once mode, commits the transaction of) every one of
+them before it commits the input's offset.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,19 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError, MessageSizeTooLargeError
+from kafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 
 from consumers.records import Outcome
 from pipeline import metrics
+from pipeline.classifier import ZeroShotClassifier
 from pipeline.config import TopicSettings
-from pipeline.errors import PublishError
+from pipeline.errors import ConfigError, PublishError
+from pipeline.routing import RouteMatch
+from pipeline.taxonomy import Taxonomy
 from schemas.deadletter import HEADER_PREFIX, DeadLetterHeaders
 from schemas.embeddings import EmbeddingRecord
 from schemas.labels import LabelRecord, LabelScore, ModelRef, SourceRef, Timings
+from schemas.routes import PRIORITY_HEADER, ROUTE_HEADER, RoutedRecord
 
 # On a dead letter whose original value was too big to resend: the value's size in bytes.
 VALUE_OMITTED_HEADER = HEADER_PREFIX + "value-omitted"
@@ -51,7 +62,11 @@ class OutputPublisher:
         embedding = EmbeddingRecord.from_vector(request.id, self._model, outcome.labels.embedding)
         self._send(self._topics.labels, key, label.model_dump_json().encode("utf-8"))
         self._send(self._topics.embeddings, key, embedding.model_dump_json().encode("utf-8"))
-        self._unconfirmed.append(lambda: _report_labelled(item.log, label))
+        route = outcome.labels.route
+        if route is not None:
+            self._send_routed(route, key, routed_record(outcome, label, route))
+        routed = item.classifier is not None and bool(item.classifier.taxonomy.route_table.rules)
+        self._unconfirmed.append(lambda: _report_labelled(item.log, label, routed))
 
     def wait_for_acks(self) -> None:
         """Block until every record sent so far is acknowledged (acks=all), or raise."""
@@ -82,6 +97,18 @@ class OutputPublisher:
     def _send(self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None = None) -> None:
         self._pending.append(self._producer.send(topic, key=key, value=value, headers=headers or []))
 
+    def _send_routed(self, route: RouteMatch, key: bytes, record: RoutedRecord) -> None:
+        try:
+            self._send(route.topic, key, record.model_dump_json().encode("utf-8"), route_headers(route))
+        except KafkaTimeoutError as exc:
+            # kafka-python waits max_block_ms for the metadata of a topic the broker does not
+            # know, then gives up: retrying would only repeat that wait forever. The start-up
+            # check (require_route_topics) catches this for the taxonomies loaded at start.
+            raise PublishError(
+                f"route topic {route.topic!r} (route {route.rule!r}) is unknown to the broker; create it: {exc}",
+                code="kafka.route_topic_missing", retryable=False,
+            ) from exc
+
     def _dead_letter(self, outcome: Outcome) -> None:
         """The original key, value and headers, plus headers saying where from and why."""
         item, error = outcome.item, outcome.error
@@ -97,10 +124,14 @@ class OutputPublisher:
         self._unconfirmed.append(lambda: _report_dead_letter(outcome))
 
 
-def _report_labelled(item_log: Any, label: LabelRecord) -> None:
+def _report_labelled(item_log: Any, label: LabelRecord, routed: bool) -> None:
     metrics.REQUESTS_LABELLED.labels(taxonomy=label.taxonomy.name).inc()
+    if label.route is not None:
+        metrics.ROUTED.labels(taxonomy=label.taxonomy.name, route=label.route).inc()
+    elif routed:
+        metrics.UNROUTED.labels(taxonomy=label.taxonomy.name).inc()
     item_log.info("labelled", taxonomy_version=label.taxonomy.version, timings_ms=label.timings_ms.model_dump(),
-                  top=label.labels[0].label, cache_hit=label.cache_hit, outcome="labelled")
+                  top=label.labels[0].label, cache_hit=label.cache_hit, outcome="labelled", route=label.route)
 
 
 def _report_dead_letter(outcome: Outcome) -> None:
@@ -154,6 +185,7 @@ def label_record(outcome: Outcome, model: ModelRef) -> LabelRecord:
         mode="single_label" if labels.selected is None else "multi_label",
         selected=None if labels.selected is None else _scores(labels.selected),
         cache_hit=outcome.cache_hit,
+        route=None if labels.route is None else labels.route.rule,
         source=SourceRef(topic=item.topic, partition=item.partition, offset=item.offset),
         timings_ms=Timings(
             fetch=round(item.prepared.fetch_ms, 3),
@@ -162,6 +194,45 @@ def label_record(outcome: Outcome, model: ModelRef) -> LabelRecord:
             total=round(outcome.total_ms(), 3),
         ),
     )
+
+
+def routed_record(outcome: Outcome, label: LabelRecord, route: RouteMatch) -> RoutedRecord:
+    request = outcome.item.request
+    assert request is not None
+    # An inline image can be megabytes; the label record already names the request.
+    image = None if request.image.base64 is not None else request.image
+    return RoutedRecord(
+        id=label.id, route=route.rule, condition=route.condition, priority=route.priority,
+        scores=route.scores, headers=route.headers, image=image, label=label,
+    )
+
+
+def route_headers(route: RouteMatch) -> list[tuple[str, bytes]]:
+    headers = [(ROUTE_HEADER, route.rule.encode("utf-8"))]
+    if route.priority is not None:
+        headers.append((PRIORITY_HEADER, str(route.priority).encode("ascii")))
+    return headers + [(name, value.encode("utf-8")) for name, value in route.headers.items()]
+
+
+def require_route_topics(existing: set[str], classifiers: list[ZeroShotClassifier]) -> None:
+    """Refuse to start when a route topic is missing, naming each one and the rules that send to it.
+
+    Kafka with topic auto-creation off makes every send to it wait out the
+    producer's max_block_ms; Tansu (and Kafka with auto-creation on) would
+    silently create it with the broker's default partitions and retention.
+    """
+    missing = [topic for c in classifiers for topic in missing_route_topics(existing, c.taxonomy)]
+    if missing:
+        raise ConfigError(f"route topics do not exist: {'; '.join(missing)}; create them before starting the worker",
+                          code="config.route_topic_missing")
+
+
+def missing_route_topics(existing: set[str], taxonomy: Taxonomy) -> list[str]:
+    """Each route topic of `taxonomy` the broker does not have, with the rule that sends to it."""
+    return [
+        f"{rule.topic} (route {rule.name!r} of taxonomy {taxonomy.name!r})"
+        for rule in taxonomy.route_table.rules if rule.topic not in existing
+    ]
 
 
 def _scores(pairs: list[tuple[str, float]]) -> list[LabelScore]:

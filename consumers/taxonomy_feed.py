@@ -22,6 +22,7 @@ from consumers.kafka_clients import security_options
 from pipeline.classifier_cache import ClassifierCache
 from pipeline.config import KafkaSettings, Settings
 from pipeline.labeler import Labeler
+from consumers.route_topics import RouteTopicCheck
 from pipeline.taxonomy_reload import TaxonomyReloader
 
 log = structlog.get_logger("labelstream.taxonomy")
@@ -158,24 +159,27 @@ def _name(record: ConsumerRecord) -> str:
 class TaxonomyUpdates:
     """The file watcher and the topic feed of one worker, started and stopped together."""
 
-    def __init__(self, reloader: TaxonomyReloader, feed: TaxonomyFeed | None) -> None:
+    def __init__(self, reloader: TaxonomyReloader, feed: TaxonomyFeed | None, route_check: RouteTopicCheck) -> None:
         self.reloader = reloader
         self.feed = feed
+        self.route_check = route_check
 
     def stop(self) -> None:
         if self.feed is not None:
             self.feed.stop()
         self.reloader.stop()
+        self.route_check.close()
 
 
 def start_taxonomy_updates(settings: Settings, labeler: Labeler) -> TaxonomyUpdates:
     """Catch up with the taxonomies topic, then keep following it and the files in the background."""
     cache = ClassifierCache(settings.taxonomy.cache_dir)
-    reloader = TaxonomyReloader(labeler.model, labeler.registry, cache, settings.taxonomy)
+    route_check = RouteTopicCheck(settings.kafka)
+    reloader = TaxonomyReloader(labeler.model, labeler.registry, cache, settings.taxonomy, admit=route_check)
     feed = None
     if settings.taxonomy.feed_enabled:
         consumer = build_feed_consumer(settings.kafka)
         feed = TaxonomyFeed(consumer, settings.topics.taxonomies, reloader, retry_s=max(settings.taxonomy.watch_interval_s, 1.0))
         feed.start()
     reloader.start()
-    return TaxonomyUpdates(reloader, feed)
+    return TaxonomyUpdates(reloader, feed, route_check)

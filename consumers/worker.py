@@ -2,9 +2,10 @@
 
 Threads: the main thread polls Kafka, validates requests, publishes and
 commits; a pool fetches, decodes and preprocesses (retrying transient
-failures); one inference thread runs the model on micro-batches. The main
-thread never waits on S3 or the model, so a slow batch cannot push the
-consumer past `max_poll_interval_ms`.
+failures); the inference engine's thread (pipeline/inference.py) runs the
+model on micro-batches, shared with the HTTP API when it runs in the same
+process. The main thread never waits on S3 or the model, so a slow batch
+cannot push the consumer past `max_poll_interval_ms`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import dataclasses
 import queue
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
-import torch
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -27,13 +28,13 @@ from consumers.stage_waits import StageWaits
 from consumers.offsets import OffsetTracker
 from consumers.publisher import OutputPublisher
 from consumers.records import Outcome, WorkItem
+from consumers.sinks import Sinks
 from pipeline import metrics
-from pipeline.batcher import MicroBatcher
-from pipeline.classifier import ZeroShotClassifier
 from pipeline.health import HealthState
 from pipeline.config import Settings
-from pipeline.errors import InferenceError, LabelstreamError, PublishError
+from pipeline.errors import LabelstreamError, PublishError
 from pipeline.fetch import ImageFetcher
+from pipeline.inference import ImageJob, InferenceEngine, JobResult, unexpected
 from pipeline.labeler import Labeler
 from pipeline.retry import RetryOutcome, backoff_seconds, call_with_retries
 
@@ -63,6 +64,8 @@ class Worker:
         consumer: KafkaConsumer,
         publisher: OutputPublisher,
         health: HealthState | None = None,
+        engine: InferenceEngine | None = None,
+        sinks: Sinks | None = None,
     ) -> None:
         self.settings = settings
         self.health = health or HealthState.from_settings(settings.health)
@@ -71,17 +74,17 @@ class Worker:
         self.fetcher = fetcher
         self.consumer = consumer
         self.tracker = OffsetTracker()
-        self.checkpoint = Checkpoint(consumer, publisher, self.tracker, settings.delivery == "exactly_once")
+        self.checkpoint = Checkpoint(consumer, publisher, self.tracker, settings.delivery == "exactly_once", sinks)
         self.gate = DeadLetterGate(settings.dead_letter)
-        self._ready: queue.Queue[WorkItem] = queue.Queue()
         self._done: queue.Queue[Outcome] = queue.Queue()
-        # Items submitted to the prepare pool and not yet ready or failed; lets the batcher
-        # send a batch at once when nothing more is on its way.
+        # Items submitted to the prepare pool and not yet queued for the model or failed; lets
+        # the engine send a batch at once when nothing more is on its way.
         self._preparing = 0
         self._preparing_lock = threading.Lock()
-        self._batcher = MicroBatcher(
-            self._ready, settings.batch.max_size, settings.batch.max_wait_ms, more_coming=lambda: self._preparing > 0
-        )
+        # A shared engine (`run --http`) is started and stopped by its owner; otherwise the worker owns one.
+        self._owns_engine = engine is None
+        self.engine = engine or InferenceEngine(labeler, settings, self.health)
+        self.engine.watch(lambda: self._preparing > 0, lambda seconds: self.waits.waited("infer", seconds))
         self._lag_updated_at = 0.0
         self._pool = ThreadPoolExecutor(settings.fetch.threads, thread_name_prefix="prepare")
         self._stop = threading.Event()
@@ -115,8 +118,8 @@ class Worker:
         PublishError when outputs cannot be published within the budget.
         """
         self.consumer.subscribe([self.settings.topics.requests], listener=_Rebalance(self))
-        inference = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
-        inference.start()
+        if self._owns_engine:
+            self.engine.start()
         log.info("worker_started", topic=self.settings.topics.requests, group=self.settings.kafka.group_id,
                  delivery=self.settings.delivery)
         try:
@@ -129,7 +132,8 @@ class Worker:
         finally:
             self._closed = True
             self._halt.set()
-            inference.join(timeout=5)
+            if self._owns_engine:
+                self.engine.stop()
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _drain(self, timeout_s: float) -> bool:
@@ -142,11 +146,13 @@ class Worker:
             self.consumer.poll(timeout_ms=50, max_records=1)
             self._checkpoint(force=True, release_held=True)
             self._raise_if_failed()
-        self._checkpoint(force=True, release_held=True)
+        # Every manifest row still buffered goes into its file now, so its offset can be committed.
+        self._checkpoint(force=True, release_held=True, roll=self.tracker.partitions())
         self._raise_if_failed()
         abandoned = self.tracker.in_flight_count()
-        log.info("drained", abandoned=abandoned)
-        return abandoned == 0
+        unwritten = self.checkpoint.buffered_rows()
+        log.info("drained", abandoned=abandoned, manifest_rows_unwritten=unwritten)
+        return abandoned == 0 and unwritten == 0
 
     def _raise_if_failed(self) -> None:
         if self._fatal is not None:
@@ -260,7 +266,9 @@ class Worker:
         if time.monotonic() - self._last_commit >= interval:
             self._checkpoint(force=False)
 
-    def _checkpoint(self, force: bool, release_held: bool = False, in_rebalance: bool = False) -> None:
+    def _checkpoint(
+        self, force: bool, release_held: bool = False, in_rebalance: bool = False, roll: Collection[TopicPartition] = ()
+    ) -> None:
         """Hand finished outcomes to the Checkpoint; keep them for later if the broker is unreachable.
 
         Never raises: it also runs inside rebalance callbacks, where kafka-python
@@ -279,7 +287,7 @@ class Worker:
         started = time.perf_counter()
         try:
             with self.health.working("publish"):
-                self.checkpoint.commit(outcomes, in_rebalance=in_rebalance)
+                self.checkpoint.commit(outcomes, in_rebalance=in_rebalance, roll=roll)
         except PublishError as exc:
             self._unpublished = outcomes + self._unpublished
             self._publish_failed(exc)
@@ -335,20 +343,25 @@ class Worker:
         if self._closed:
             # After the drain, what is left was abandoned on purpose.
             self.tracker.revoke(revoked)
+            self.checkpoint.forget(revoked)
             return
         deadline = time.monotonic() + self._revoke_timeout_s
         while self.tracker.in_flight_for(revoked) and time.monotonic() < deadline:
             self._checkpoint(force=False, release_held=True, in_rebalance=True)
             time.sleep(0.02)
-        self._checkpoint(force=True, release_held=True, in_rebalance=True)
+        # Manifest rows of the revoked partitions are written now when their rolls can be; the rest are
+        # dropped uncommitted, and the new owner rolls them into the same files.
+        self._checkpoint(force=True, release_held=True, in_rebalance=True, roll=revoked)
         abandoned = self.tracker.in_flight_for(revoked)
         self.tracker.revoke(revoked)
+        self.checkpoint.forget(revoked)
         self.health.partitions_removed(revoked)
         log.info("partitions_revoked", partitions=_names(revoked), abandoned=abandoned)
 
     def on_lost(self, lost: list[TopicPartition]) -> None:
-        # We were evicted: another member may already own these, so commit nothing for them.
+        # We were evicted: another member may already own these, so commit (and write) nothing for them.
         self.tracker.revoke(lost)
+        self.checkpoint.forget(lost)
         self.health.partitions_removed(lost)
         log.warning("partitions_lost", partitions=_names(lost))
 
@@ -366,13 +379,14 @@ class Worker:
         try:
             with self.health.working("prepare"):
                 outcome = self._prepare_item(item)
+            if outcome is None:
+                self._submit_to_model(item)
+            else:
+                self._done.put(outcome)
         finally:
+            # Only once the item is queued for the model: a forming batch may wait for it until then.
             with self._preparing_lock:
                 self._preparing -= 1
-        if outcome is None:
-            self._ready.put(item)
-        else:
-            self._done.put(outcome)
 
     def _prepare_item(self, item: WorkItem) -> Outcome | None:
         """Fetch, decode, preprocess with retries; an Outcome if the item needs no model call."""
@@ -389,61 +403,28 @@ class Worker:
         except RetryOutcome as stopped:
             return Outcome(item, error=stopped.error, attempts=stopped.attempts)
         except Exception as exc:  # noqa: BLE001 - nothing may vanish silently
-            return Outcome(item, error=_unexpected(exc, "decode"))
+            return Outcome(item, error=unexpected(exc, "decode"))
         metrics.observe_stage("fetch", item.prepared.fetch_ms / 1000.0)
         if item.prepared.cached is not None:
             return Outcome(item, labels=item.prepared.cached, cache_hit=True)
         metrics.observe_stage("decode", item.prepared.decode_ms / 1000.0)
         return None
 
-    # -- the inference thread ------------------------------------------------
+    # -- handing prepared items to the inference engine ------------------------
 
-    def _inference_loop(self) -> None:
-        while not self._halt.is_set():
-            started = time.perf_counter()
-            batch = self._batcher.next_batch(self._halt)
-            self.waits.waited("infer", time.perf_counter() - started)
-            if batch:
-                metrics.BATCH_SIZE.observe(len(batch))
-                for outcome in self._label_batch(batch):
-                    self._done.put(outcome)
+    def _submit_to_model(self, item: WorkItem) -> None:
+        assert item.prepared is not None and item.prepared.pixels is not None and item.classifier is not None
+        job = ImageJob(item.prepared.pixels, item.classifier, "kafka", done=lambda result: self._model_done(item, result),
+                       content_key=item.prepared.content_key)
+        self.engine.submit(job, stop=self._halt)
 
-    def _label_batch(self, batch: list[WorkItem]) -> list[Outcome]:
-        """Label a batch; on a model failure split it so one bad item fails alone."""
-        try:
-            with self.health.working("infer"):
-                labels = self.labeler.label([_pixels(item) for item in batch], [_classifier(item) for item in batch])
-        except InferenceError as exc:
-            if len(batch) == 1:
-                # Only a single image's failure counts against readiness: the split
-                # attempts of one poison batch would otherwise flip it at once.
-                self.health.inference_failed(exc.message)
-                return [Outcome(batch[0], error=exc)]
-            half = len(batch) // 2
-            return self._label_batch(batch[:half]) + self._label_batch(batch[half:])
-        except Exception as exc:  # noqa: BLE001
-            self.health.inference_failed(str(exc))
-            return [Outcome(item, error=_unexpected(exc, "infer")) for item in batch]
-        self.health.inference_succeeded()
-        for item, result in zip(batch, labels, strict=True):
-            metrics.observe_stage("infer", result.infer_ms / 1000.0)
-            self.labeler.remember(item.prepared.content_key if item.prepared else None, result)
-        return [Outcome(item, labels=result) for item, result in zip(batch, labels, strict=True)]
-
-
-def _pixels(item: WorkItem) -> torch.Tensor:
-    assert item.prepared is not None and item.prepared.pixels is not None
-    return item.prepared.pixels
-
-
-def _classifier(item: WorkItem) -> ZeroShotClassifier:
-    assert item.classifier is not None
-    return item.classifier
+    def _model_done(self, item: WorkItem, result: JobResult) -> None:
+        if result.error is not None:
+            self._done.put(Outcome(item, error=result.error))
+        else:
+            self._done.put(Outcome(item, labels=result.labels))
 
 
 def _names(partitions: list[TopicPartition]) -> list[str]:
     return [f"{tp.topic}:{tp.partition}" for tp in partitions]
 
-
-def _unexpected(exc: Exception, stage: str) -> LabelstreamError:
-    return LabelstreamError(f"unexpected {type(exc).__name__}: {exc}", code="internal.unexpected", stage=stage)  # type: ignore[arg-type]

@@ -15,6 +15,10 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the worker until SIGTERM/SIGINT")
     run.add_argument("--config", type=Path, help="YAML config file (environment variables override it)")
+    run.add_argument("--http", action="store_true", help="also serve the HTTP API (http.port), sharing the model")
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (no Kafka) until SIGTERM/SIGINT")
+    serve.add_argument("--config", type=Path, help="YAML config file (environment variables override it)")
 
     submit = sub.add_parser("submit", help="produce requests for local files or S3 keys/prefixes")
     submit.add_argument("sources", nargs="+", help="local paths (with --bucket) or s3://bucket/key-or-prefix")
@@ -38,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     top.add_argument("--once", action="store_true", help="print one frame (two scrapes, --interval apart) and exit")
     _add_taxonomy_commands(sub)
+    _add_backfill_command(sub)
     from labelstream.evaluation.cli import add_commands as add_evaluation_commands
 
     add_evaluation_commands(sub)
@@ -58,6 +63,38 @@ def _add_taxonomy_commands(sub: argparse._SubParsersAction) -> None:
     publish.add_argument("--config", type=Path)
 
 
+def _add_backfill_command(sub: argparse._SubParsersAction) -> None:
+    backfill = sub.add_parser(
+        "backfill",
+        help="produce a request for every image object under an S3 prefix; resumable",
+        description="List s3://bucket/prefix/ page by page and produce one request per image object: keys whose "
+        "extension Pillow maps to one of image.allowed_formats (by default .jpg .jpeg .jpe .jfif .png .apng .webp "
+        ".gif .bmp .tif .tiff, any case); other keys are not requested. Objects whose labelstream marker tag "
+        "says they were labelled with this taxonomy version are skipped. The position is saved after every "
+        "acknowledged chunk; run the same command again to resume. A run that completed starts a new pass.",
+    )
+    backfill.add_argument("uri", help="s3://bucket/ or s3://bucket/prefix/")
+    backfill.add_argument("--taxonomy", help="taxonomy name for the requests and the skip check (default: the configured default)")
+    backfill.add_argument("--since", type=_since, help="only objects modified at or after this date/ISO time (UTC unless it says)")
+    backfill.add_argument("--force", action="store_true", help="request every image object, labelled or not (no tag reads)")
+    # No default here: backfill.DEFAULT_RATE is the one value (importing it would slow every command).
+    backfill.add_argument("--rate", type=float, help="at most this many requests per second (0: no limit; default 200)")
+    backfill.add_argument(
+        "--state", type=Path,
+        help="state file (default: $XDG_CACHE_HOME or ~/.cache, then labelstream/backfill/BUCKET-HASH.json)",
+    )
+    backfill.add_argument("--config", type=Path)
+
+
+def _since(text: str) -> object:
+    from labelstream.backfill import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -71,11 +108,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from labelstream.worker_main import run_worker
 
-        return run_worker(args.config)
+        return run_worker(args.config, http=args.http)
+    if args.command == "serve":
+        from labelstream.serve import run_serve
+
+        return run_serve(args.config)
     if args.command == "submit":
         from labelstream.submit import submit
 
         return submit(args.sources, args.bucket, args.prefix, args.taxonomy, args.config)
+    if args.command == "backfill":
+        from labelstream.backfill import DEFAULT_RATE, BackfillOptions, backfill
+
+        rate = DEFAULT_RATE if args.rate is None else args.rate
+        return backfill(BackfillOptions(args.uri, args.taxonomy, args.since, args.force, rate, args.state, args.config))
     if args.command == "classify":
         from labelstream.classify import classify
 

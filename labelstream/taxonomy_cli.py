@@ -13,6 +13,7 @@ from pipeline.classifier_cache import ClassifierCache
 from pipeline.config import Settings, load_settings
 from pipeline.errors import ConfigError, PublishError, TaxonomyError
 from pipeline.model import resolve_source
+from pipeline.routing import RouteRule
 from pipeline.taxonomy import Taxonomy, load_taxonomy
 from pipeline.taxonomy_store import find_configured
 
@@ -81,7 +82,10 @@ def _require_new_name(taxonomy: Taxonomy, path: Path, defined_by: dict[str, Path
 
 
 def _summary(taxonomy: Taxonomy) -> str:
-    return f"{taxonomy.name} ({taxonomy.mode}, {len(taxonomy.classes)} classes, {taxonomy.prompt_count()} prompts)"
+    routes = len(taxonomy.route_table.rules)
+    suffix = f", {routes} route{'s' if routes != 1 else ''}" if routes else ""
+    counts = f"{len(taxonomy.classes)} classes, {taxonomy.prompt_count()} prompts{suffix}"
+    return f"{taxonomy.name} ({taxonomy.mode}, {counts})"
 
 
 def _details(taxonomy: Taxonomy, identity: str, cache: ClassifierCache) -> dict[str, object]:
@@ -97,7 +101,13 @@ def _details(taxonomy: Taxonomy, identity: str, cache: ClassifierCache) -> dict[
         "cached": cache.contains(identity, taxonomy),
         "cache_path": str(entry) if entry else None,
         "classes": [_class_details(taxonomy, index) for index in range(len(taxonomy.classes))],
+        "routes": [_route_details(rule) for rule in taxonomy.route_table.rules],
     }
+
+
+def _route_details(rule: RouteRule) -> dict[str, object]:
+    return {"name": rule.name, "topic": rule.topic, "when": rule.text, "priority": rule.priority,
+            "headers": dict(rule.headers)}
 
 
 def _class_details(taxonomy: Taxonomy, index: int) -> dict[str, object]:
@@ -122,7 +132,20 @@ def _render(details: dict[str, object]) -> str:
         f"classes:   {len(details['classes'])}",  # type: ignore[arg-type]
     ]
     lines += [f"  - {_class_line(c)}" for c in details["classes"]]  # type: ignore[union-attr]
+    routes: list[dict[str, object]] = details["routes"]  # type: ignore[assignment]
+    lines.append(f"routes:    {len(routes) or 'none'}{' (first match wins)' if routes else ''}")
+    lines += [f"  {index}. {_route_line(route)}" for index, route in enumerate(routes, start=1)]
     return "\n".join(lines)
+
+
+def _route_line(route: dict[str, object]) -> str:
+    line = f"{route['name']} -> {route['topic']}  when {route['when']}"
+    if route["priority"] is not None:
+        line += f"  [priority {route['priority']}]"
+    headers: dict[str, str] = route["headers"]  # type: ignore[assignment]
+    if headers:
+        line += "  [headers " + ", ".join(f"{k}={v}" for k, v in headers.items()) + "]"
+    return line
 
 
 def _class_line(details: dict[str, object]) -> str:

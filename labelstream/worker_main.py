@@ -17,18 +17,21 @@ from pathlib import Path
 from types import FrameType
 
 import structlog
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 
 from consumers.circuit_breaker import CircuitOpenError
 from consumers.kafka_clients import build_consumer, build_producer, build_transactional_producer
-from consumers.publisher import OutputPublisher
+from consumers.publisher import OutputPublisher, require_route_topics
+from consumers.sinks import build_sinks
 from consumers.worker import Worker
 from labelstream.logs import configure_logging
+from labelstream.serve import api_server
 from pipeline.config import Settings, load_settings
 from pipeline.errors import PublishError
 from pipeline.fetch import ImageFetcher
 from pipeline.health import HealthState
-from pipeline.labeler import build_labeler
+from pipeline.inference import InferenceEngine
+from pipeline.labeler import Labeler, build_labeler
 from pipeline.metrics_server import start_ops_server
 
 log = structlog.get_logger("labelstream.run")
@@ -39,7 +42,8 @@ EXIT_CIRCUIT_OPEN = 3
 EXIT_PUBLISH_FAILED = 4
 
 
-def run_worker(config_file: Path | None) -> int:
+def run_worker(config_file: Path | None, http: bool = False) -> int:
+    """The worker; with `http`, the HTTP API too, in this process, sharing its model and batches."""
     settings = load_settings(config_file)
     configure_logging(settings.log)
     log.info("starting", settings=settings.model_dump(mode="json"))
@@ -47,13 +51,13 @@ def run_worker(config_file: Path | None) -> int:
     health = HealthState.from_settings(settings.health)
     ops = start_ops_server(settings.metrics, health)
     try:
-        return _run_with_ops(settings, health)
+        return _run_with_ops(settings, health, http)
     finally:
         if ops is not None:
             ops.stop()
 
 
-def _run_with_ops(settings: Settings, health: HealthState) -> int:
+def _run_with_ops(settings: Settings, health: HealthState, http: bool = False) -> int:
     labeler = build_labeler(settings)
     health.model_loaded()
     health.classifiers_built()
@@ -66,20 +70,37 @@ def _run_with_ops(settings: Settings, health: HealthState) -> int:
     publisher = OutputPublisher(producer, settings.topics, labeler.model.ref, settings.kafka.ack_wait_s(),
                                 settings.kafka.group_id)
     consumer = build_consumer(settings.kafka, read_committed=settings.delivery == "exactly_once")
-    worker = Worker(settings, labeler, ImageFetcher(settings.s3, settings.fetch), consumer, publisher, health)
+    # With the API, one engine serves both: HTTP and Kafka items share its batches and the one model.
+    engine = InferenceEngine(labeler, settings, health).start() if http else None
+    sinks = build_sinks(settings, labeler.model.ref)
+    worker = Worker(settings, labeler, ImageFetcher(settings.s3, settings.fetch), consumer, publisher, health, engine,
+                    sinks=sinks)
     _install_signal_handlers(worker)
+    api = api_server(settings, labeler, engine, health, kafka=True).start() if engine is not None else None
     # Taxonomy hot reload (files and the taxonomies topic) runs beside the worker.
     from consumers.taxonomy_feed import start_taxonomy_updates
 
     taxonomy_updates = start_taxonomy_updates(settings, labeler)
     try:
+        # After the taxonomies topic caught up, so its documents' routes are checked too.
+        _require_route_topics(consumer, labeler)
         code = _run_until_stopped(worker)
     finally:
+        if api is not None:
+            api.stop()
+        if engine is not None:
+            engine.stop()
         taxonomy_updates.stop()
         consumer.close(autocommit=False)
         producer.close(timeout=settings.kafka.produce_timeout_s)
     log.info("stopped", exit_code=code)
     return code
+
+
+def _require_route_topics(consumer: KafkaConsumer, labeler: Labeler) -> None:
+    registry = labeler.registry
+    classifiers = [registry.get(name) for name in registry.names()]
+    require_route_topics(consumer.topics(), classifiers)
 
 
 def _run_until_stopped(worker: Worker) -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -58,3 +60,109 @@ class MicroBatcher(Generic[T]):
             except queue.Empty:
                 continue
         return None
+
+
+Lane = Literal["interactive", "stream"]
+
+
+class LaneBatcher(Generic[T]):
+    """One batch from two bounded lanes: interactive (HTTP) first, up to its share, then stream (Kafka).
+
+    When both lanes are waiting, the interactive lane gets at least
+    `ceil(interactive_share * max_size)` slots and the stream lane the rest;
+    either lane fills the slots the other leaves empty, so neither starves the
+    other and no slot is wasted. Waiting is adaptive as in MicroBatcher: the
+    batch goes out when it is full, when nothing more is on its way
+    (`more_coming`), or `max_wait_ms` after its first item.
+
+    `discard` is asked once about every item as it leaves its lane; True drops
+    it (its caller went away), so cancelled work never reaches the model.
+    A full interactive lane refuses at once (queue.Full): an HTTP caller is
+    told to come back, it does not wait. A full stream lane blocks the putter.
+    """
+
+    def __init__(
+        self,
+        max_size: int,
+        max_wait_ms: int,
+        interactive_share: float = 0.5,
+        capacity: dict[Lane, int] | None = None,
+        more_coming: Callable[[], bool] | None = None,
+        discard: Callable[[T], bool] | None = None,
+    ) -> None:
+        self.max_size = max_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.interactive_quota = max(1, math.ceil(interactive_share * max_size))
+        self._capacity = capacity or {}
+        self._more_coming = more_coming
+        self._discard = discard
+        self._lanes: dict[Lane, deque[T]] = {"interactive": deque(), "stream": deque()}
+        self._changed = threading.Condition()
+
+    def put(self, lane: Lane, item: T, stop: threading.Event | None = None) -> None:
+        with self._changed:
+            while self._is_full(lane):
+                if lane == "interactive":
+                    raise queue.Full(f"the {lane} lane holds {len(self._lanes[lane])} items")
+                if stop is not None and stop.is_set():
+                    return
+                self._changed.wait(0.1)
+            self._lanes[lane].append(item)
+            self._changed.notify_all()
+
+    def put_all(self, lane: Lane, items: list[T]) -> None:
+        """All of `items` or none: raises queue.Full when the lane has no room for every one."""
+        with self._changed:
+            limit = self._capacity.get(lane, 0)
+            if limit > 0 and len(self._lanes[lane]) + len(items) > limit:
+                raise queue.Full(f"the {lane} lane holds {len(self._lanes[lane])} of {limit} items")
+            self._lanes[lane].extend(items)
+            self._changed.notify_all()
+
+    def depth(self, lane: Lane) -> int:
+        with self._changed:
+            return len(self._lanes[lane])
+
+    def nudge(self) -> None:
+        """Something `more_coming` reads changed: let a waiting batch re-check it."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def next_batch(self, stop: threading.Event, idle_poll_s: float = 0.1) -> list[T]:
+        """Block until an item is waiting (or `stop` is set), fill as above, take. May be [] if all were dropped."""
+        with self._changed:
+            while not self._waiting():
+                if stop.is_set():
+                    return []
+                self._changed.wait(idle_poll_s)
+            self._fill(time.monotonic() + self.max_wait_s)
+            batch = self._take()
+            self._changed.notify_all()
+        return batch
+
+    def _fill(self, deadline: float) -> None:
+        while self._waiting() < self.max_size:
+            if self._more_coming is not None and not self._more_coming():
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            # Short waits: `more_coming` can turn false without an item arriving (a prepare failed).
+            self._changed.wait(min(remaining, 0.01))
+
+    def _take(self) -> list[T]:
+        interactive, stream = self._lanes["interactive"], self._lanes["stream"]
+        from_interactive = min(len(interactive), max(self.interactive_quota, self.max_size - len(stream)))
+        from_stream = min(len(stream), self.max_size - from_interactive)
+        taken = [interactive.popleft() for _ in range(from_interactive)]
+        taken += [stream.popleft() for _ in range(from_stream)]
+        if self._discard is None:
+            return taken
+        return [item for item in taken if not self._discard(item)]
+
+    def _waiting(self) -> int:
+        return len(self._lanes["interactive"]) + len(self._lanes["stream"])
+
+    def _is_full(self, lane: Lane) -> bool:
+        limit = self._capacity.get(lane, 0)
+        return limit > 0 and len(self._lanes[lane]) >= limit

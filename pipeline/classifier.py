@@ -15,6 +15,10 @@ Scores. With `s` the model's logit scale, `f` an image's normalised features,
   when it has none, from its own prompts wrapped in the taxonomy's
   `negative_templates` ("a photo of something that is not a {}."). A class
   is selected when its score is at or above its threshold.
+
+Routing (pipeline/routing.py) sees every class's score, not only the top_k
+a record lists; `label("x")` means x is among the record's labels: the
+selected classes in multi_label mode, the listed top_k in single_label mode.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from pipeline.model import LoadedModel
+from pipeline.routing import RouteMatch
 from pipeline.taxonomy import Taxonomy
 
 # Bounds the tokenised batch for the text tower; 80,000 ImageNet prompts at once would not fit.
@@ -84,6 +89,17 @@ class ZeroShotClassifier:
             chosen = [(names[i], score) for i, score in enumerate(row) if score >= thresholds[i]]
             selected.append(sorted(chosen, key=lambda pair: pair[1], reverse=True))
         return selected
+
+    def route(self, probabilities: torch.Tensor, listed: Scored) -> RouteMatch | None:
+        """The first routing rule one image's scores ([n_classes]) satisfy; None if none does or there are none.
+
+        `listed` is what the image's record lists as its labels (see the module docstring).
+        """
+        table = self.taxonomy.route_table
+        if not table.rules:
+            return None
+        scores = dict(zip(self.taxonomy.class_names, probabilities.tolist(), strict=True))
+        return table.route(scores, frozenset(name for name, _ in listed))
 
 
 def build_classifier(model: LoadedModel, taxonomy: Taxonomy) -> ZeroShotClassifier:

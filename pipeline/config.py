@@ -13,7 +13,7 @@ from typing import Literal
 
 import yaml
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -222,6 +222,88 @@ class HealthSettings(_Section):
     max_inference_failures: int = Field(3, gt=0)
 
 
+class HttpRateLimitSettings(_Section):
+    # Per API key: a token bucket refilled at `per_second`, holding at most `burst`; 0 turns it off.
+    per_second: float = Field(0.0, ge=0)
+    burst: int = Field(10, gt=0)
+
+
+class HttpSettings(_Section):
+    """The OpenAI-compatible HTTP API (`labelstream serve`, `labelstream run --http`)."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    # Plain keys (never logged), or a file of SHA-256 hex digests, one per line, so plain keys need
+    # not sit in config. With neither, every /v1 request is refused.
+    api_keys: tuple[SecretStr, ...] = ()
+    api_key_hashes_file: Path | None = None
+    rate_limit: HttpRateLimitSettings = HttpRateLimitSettings()
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_inputs: int = Field(64, gt=0)
+    # HTTP items waiting for the model; beyond it the API answers 503 with Retry-After.
+    max_queue: int = Field(256, gt=0)
+    # Slots of each batch HTTP items may take when they are waiting; Kafka items fill the rest.
+    batch_share: float = Field(0.5, gt=0, le=1.0)
+    # Inline label sets built into classifiers, kept by content hash (least recently used goes first).
+    classifier_cache_entries: int = Field(32, gt=0)
+    # Extra names the served model answers to in `model`.
+    model_aliases: tuple[str, ...] = ()
+    request_timeout_s: float = Field(60.0, gt=0)
+
+
+class TagSinkSettings(_Section):
+    """Write each labelled S3 request's top labels back onto its source object (docs/dataset-sinks.md)."""
+
+    enabled: bool = False
+    # Label tags per taxonomy (`labelstream:<taxonomy>:top1`, ...); S3 allows 10 tags in all.
+    max_labels: int = Field(3, ge=0, le=9)
+    # Labels scoring below this are not written as tags (the marker always is).
+    min_score: float = Field(0.0, ge=0, le=1)
+    # Only these taxonomies are written; empty means every taxonomy.
+    taxonomies: tuple[str, ...] = ()
+    # Concurrent GetObjectTagging/PutObjectTagging calls per checkpoint.
+    threads: int = Field(8, gt=0)
+
+
+class ManifestSinkSettings(_Section):
+    """Label records as Parquet files under an S3 prefix (docs/dataset-sinks.md)."""
+
+    enabled: bool = False
+    # s3://bucket/prefix/ ; files go to <prefix>taxonomy=<name>/date=<YYYY-MM-DD>/.
+    uri: str | None = None
+    # A partition's buffer is rolled into files at this many rows, or when its oldest row is this old.
+    max_records: int = Field(10_000, gt=0)
+    max_age_s: float = Field(300.0, gt=0)
+    # Adds the `embedding` column, fixed_size_list<float32>[embed_dim].
+    embeddings: bool = False
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    # Only these taxonomies are written; empty means every taxonomy.
+    taxonomies: tuple[str, ...] = ()
+
+    @field_validator("uri")
+    @classmethod
+    def _s3_uri(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return None
+        bucket, _, _ = uri.removeprefix("s3://").partition("/")
+        if not uri.startswith("s3://") or len(bucket) < 3:
+            raise ValueError("must look like s3://bucket/prefix/")
+        return uri if uri.endswith("/") else uri + "/"
+
+    @model_validator(mode="after")
+    def _uri_when_enabled(self) -> ManifestSinkSettings:
+        if self.enabled and self.uri is None:
+            raise ValueError("sinks.manifest.uri is required when the manifest sink is enabled")
+        return self
+
+
+class SinkSettings(_Section):
+    """Optional dataset sinks, written before the input offsets are committed."""
+
+    tags: TagSinkSettings = TagSinkSettings()
+    manifest: ManifestSinkSettings = ManifestSinkSettings()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LABELSTREAM_",
@@ -247,6 +329,8 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     health: HealthSettings = HealthSettings()
+    sinks: SinkSettings = SinkSettings()
+    http: HttpSettings = HttpSettings()
 
 
 def load_settings(config_file: Path | None = None) -> Settings:

@@ -20,6 +20,7 @@ from pipeline.preprocess import Preprocessor
 from pipeline.fetch import ImageFetcher
 from pipeline.model import LoadedModel
 from pipeline.registry import ClassifierRegistry
+from pipeline.routing import RouteMatch
 from schemas.labels import TaxonomyRef
 from schemas.requests import ImageSource
 
@@ -43,6 +44,8 @@ class ImageLabels:
     infer_ms: float
     # multi_label taxonomies: the classes at or above their thresholds; None in single_label mode.
     selected: list[tuple[str, float]] | None = None
+    # The taxonomy's first matching routing rule; None when none matches or it has no routes.
+    route: RouteMatch | None = None
 
 
 class Labeler:
@@ -114,17 +117,28 @@ class Labeler:
         infer_ms = _ms_since(started)
         return [dataclasses.replace(r, infer_ms=infer_ms) for r in results]
 
+    def encode(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """L2-normalised image features for a batch of preprocessed images (one model call)."""
+        return self.model.encode_images(torch.stack(pixels))
+
+    def score(self, features: torch.Tensor, classifier: ZeroShotClassifier) -> ImageLabels:
+        """One image's labels from its features: what `label` does per image after the model call."""
+        return self._score(features, classifier)
+
     @staticmethod
     def _score(features: torch.Tensor, classifier: ZeroShotClassifier) -> ImageLabels:
         probabilities = classifier.probabilities(features.unsqueeze(0))
         taxonomy = TaxonomyRef(name=classifier.taxonomy.name, version=classifier.version)
         selected = classifier.selected_labels(probabilities)
+        top = classifier.top_labels(probabilities)[0]
+        listed = top if selected is None else selected[0]
         return ImageLabels(
             as_numpy(features),
-            classifier.top_labels(probabilities)[0],
+            top,
             taxonomy,
             0.0,
             selected=None if selected is None else selected[0],
+            route=classifier.route(probabilities[0], listed),
         )
 
 

@@ -38,6 +38,11 @@ TAXONOMY_UPDATES = Counter(
     "Taxonomy updates by origin (file, kafka) and outcome (loaded, unchanged, rejected, removed)",
     ["origin", "outcome"],
 )
+# Moderation triage (pipeline/routing.py): counted once the broker has the routed record.
+ROUTED = Counter("labelstream_routed_total", "Label records sent to a route topic, by taxonomy and rule", ["taxonomy", "route"])
+UNROUTED = Counter(
+    "labelstream_unrouted_total", "Label records of a taxonomy with routes that no rule matched", ["taxonomy"]
+)
 
 # Content-hash dedupe (pipeline/dedupe.py): hit rate = hits / (hits + misses).
 DEDUPE_HITS = Counter("labelstream_dedupe_hits_total", "Images found in the content-hash cache (decode and model skipped)")
@@ -99,3 +104,47 @@ STAGE_WAIT_SECONDS = Histogram(
     ["stage"],
     buckets=(0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+
+# Shared batching (pipeline/inference.py) and the HTTP API (api/): proof that both paths feed one model.
+BATCH_ITEMS = Counter("labelstream_batch_items_total", "Items sent to the model, by where they came from", ["source"])
+MIXED_BATCHES = Counter("labelstream_mixed_batches_total", "Model batches holding both HTTP and Kafka items")
+DROPPED_JOBS = Counter(
+    "labelstream_inference_dropped_total", "Queued items dropped before the model because their caller went away",
+    ["source"],
+)
+QUEUE_SECONDS = Histogram(
+    "labelstream_inference_queue_seconds",
+    "Time an item waited between being queued for the model and its batch starting, by source",
+    ["source"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+HTTP_QUEUE_DEPTH = Gauge("labelstream_http_queue_depth", "HTTP items waiting for the model")
+HTTP_REQUESTS = Counter("labelstream_http_requests_total", "HTTP API requests by path and status", ["path", "status"])
+HTTP_SECONDS = Histogram(
+    "labelstream_http_request_seconds",
+    "HTTP API request latency by path",
+    ["path"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+# Dataset sinks (consumers/tag_sink.py, consumers/manifest_sink.py; docs/dataset-sinks.md).
+OBJECT_TAG_WRITES = Counter(
+    "labelstream_object_tag_writes_total",
+    "Label records handled by the S3 object-tag sink, by result (written, unchanged, not_s3, not_found, "
+    "access_denied, failed)",
+    ["result"],
+)
+OBJECT_TAGS_DROPPED = Counter(
+    "labelstream_object_tags_dropped_total",
+    "Tags left out or cut short to respect S3's tag limits, by reason (pipeline/object_tags.py DROP_REASONS)",
+    ["reason"],
+)
+MANIFEST_FILES = Counter("labelstream_manifest_files_total", "Parquet manifest files written", ["taxonomy"])
+MANIFEST_ROWS = Counter("labelstream_manifest_rows_total", "Rows written to Parquet manifest files", ["taxonomy"])
+MANIFEST_BYTES = Counter("labelstream_manifest_bytes_total", "Bytes of Parquet manifest files written")
+MANIFEST_ROLL_SECONDS = Histogram(
+    "labelstream_manifest_roll_seconds",
+    "Time to write one roll (its marker and every file of its offset range)",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+MANIFEST_BUFFERED_ROWS = Gauge("labelstream_manifest_buffered_rows", "Label records waiting for their manifest roll")

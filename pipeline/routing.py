@@ -45,6 +45,8 @@ ERROR_CODE = "taxonomy.invalid_route"
 # into a RecursionError instead of a TaxonomyError.
 MAX_DEPTH = 64
 RULE_KEYS = frozenset({"name", "topic", "when", "headers", "priority"})
+# Headers labelstream itself puts on routed records (see schemas/routes.py); a rule may not set them.
+RESERVED_HEADER_PREFIX = "labelstream"
 
 # ---------------------------------------------------------------- syntax tree
 
@@ -407,11 +409,18 @@ class RouteMatch:
     headers: dict[str, str]
     priority: int | None
     scores: dict[str, float]  # the classes the rule's condition names
+    # The rule's condition as written; for the routed record, not for equality.
+    condition: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
 class RouteTable:
-    rules: tuple[RouteRule, ...]
+    rules: tuple[RouteRule, ...] = ()
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """Every rule's target topic, each once, in rule order."""
+        return tuple(dict.fromkeys(rule.topic for rule in self.rules))
 
     def route(self, scores: Mapping[str, float], labels: set[str] | frozenset[str]) -> RouteMatch | None:
         """The first rule whose condition holds, or None when none does."""
@@ -424,7 +433,7 @@ class RouteTable:
 def _match(rule: RouteRule, scores: Mapping[str, float]) -> RouteMatch:
     # label("x") also names a class; report its score when we have one.
     deciding = {cls: float(scores[cls]) for cls in rule.classes if cls in scores}
-    return RouteMatch(rule.name, rule.topic, dict(rule.headers), rule.priority, deciding)
+    return RouteMatch(rule.name, rule.topic, dict(rule.headers), rule.priority, deciding, rule.text)
 
 
 # -------------------------------------------------------------------- loading
@@ -433,25 +442,40 @@ def _match(rule: RouteRule, scores: Mapping[str, float]) -> RouteMatch:
 class _RuleContext:
     """Builds messages that name the file, the rule and, if known, the column."""
 
-    def __init__(self, source: str, index: int, name: str | None = None) -> None:
-        self.source, self.index, self.name = source, index, name
+    def __init__(
+        self, source: str, index: int, name: str | None = None, lines: Mapping[str, int | None] | None = None
+    ) -> None:
+        self.source, self.index, self.name, self.lines = source, index, name, lines or {}
 
-    def error(self, message: str, pos: int | None = None) -> TaxonomyError:
-        rule = f"route {self.name!r} (rule {self.index})" if self.name else f"route (rule {self.index})"
+    def error(self, message: str, pos: int | None = None, key: str = "") -> TaxonomyError:
+        line = self.lines.get(key) or self.lines.get("")
+        place = f"rule {self.index}" + (f", line {line}" if line else "")
+        rule = f"route {self.name!r} ({place})" if self.name else f"route ({place})"
         where = f"at column {pos + 1}: " if pos is not None else ""
         return TaxonomyError(f"taxonomy file {self.source}: {rule}: {where}{message}", code=ERROR_CODE)
 
 
-def parse_routes(rules: list[dict[str, Any]], class_names: list[str], source: str = "<taxonomy>") -> RouteTable:
-    """Parse and check every rule; raises TaxonomyError(code taxonomy.invalid_route)."""
+def parse_routes(
+    rules: list[dict[str, Any]],
+    class_names: list[str],
+    source: str = "<taxonomy>",
+    lines: Mapping[int, Mapping[str, int | None]] | None = None,
+) -> RouteTable:
+    """Parse and check every rule; raises TaxonomyError(code taxonomy.invalid_route).
+
+    `lines` maps a rule's 1-based index to the source lines of its fields
+    (key "" for the rule itself), so messages can name the line as well as
+    the column.
+    """
     if not isinstance(rules, list):
         raise TaxonomyError(f"taxonomy file {source}: routes must be a list of rules", code=ERROR_CODE)
     parsed: list[RouteRule] = []
     seen: set[str] = set()
     for index, raw in enumerate(rules, start=1):
-        rule = _parse_rule(raw, class_names, _RuleContext(source, index))
+        rule_lines = (lines or {}).get(index)
+        rule = _parse_rule(raw, class_names, _RuleContext(source, index, lines=rule_lines))
         if rule.name in seen:
-            raise _RuleContext(source, index, rule.name).error("duplicate route name")
+            raise _RuleContext(source, index, rule.name, rule_lines).error("duplicate route name", key="name")
         seen.add(rule.name)
         parsed.append(rule)
     return RouteTable(tuple(parsed))
@@ -472,7 +496,7 @@ def _parse_rule(raw: Any, class_names: list[str], ctx: _RuleContext) -> RouteRul
 def _required_text(raw: dict[str, Any], key: str, ctx: _RuleContext) -> str:
     value = raw.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise ctx.error(f"'{key}' is missing or not a non-empty string")
+        raise ctx.error(f"'{key}' is missing or not a non-empty string", key=key)
     return value
 
 
@@ -484,11 +508,11 @@ def _parse_when(raw: dict[str, Any], class_names: list[str], ctx: _RuleContext) 
     if isinstance(when, bool):
         return ("true" if when else "false"), Const(when)
     if not isinstance(when, str):
-        raise ctx.error(f"'when' must be a condition string, not {type(when).__name__}")
+        raise ctx.error(f"'when' must be a condition string, not {type(when).__name__}", key="when")
     try:
         return when, parse_condition(when, class_names)
     except ConditionSyntaxError as exc:
-        raise ctx.error(exc.message, exc.pos) from None
+        raise ctx.error(exc.message, exc.pos, key="when") from None
 
 
 def _headers(raw: dict[str, Any], ctx: _RuleContext) -> dict[str, str]:
@@ -496,7 +520,13 @@ def _headers(raw: dict[str, Any], ctx: _RuleContext) -> dict[str, str]:
     if headers is None:
         return {}
     if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
-        raise ctx.error("'headers' must map header names to string values")
+        raise ctx.error("'headers' must map header names to string values", key="headers")
+    reserved = sorted(k for k in headers if k.lower().startswith(RESERVED_HEADER_PREFIX))
+    if reserved:
+        raise ctx.error(
+            f"header(s) {', '.join(reserved)}: names starting with {RESERVED_HEADER_PREFIX!r} are set by labelstream",
+            key="headers",
+        )
     return dict(headers)
 
 
@@ -504,5 +534,5 @@ def _priority(raw: dict[str, Any], ctx: _RuleContext) -> int | None:
     priority = raw.get("priority")
     # bool is an int in Python; `priority: true` is a mistake, not 1.
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-        raise ctx.error("'priority' must be an integer")
+        raise ctx.error("'priority' must be an integer", key="priority")
     return priority

@@ -17,6 +17,11 @@ Every prompt is expanded with every template, exactly as open_clip's
 and adds `threshold` (taxonomy-wide default and per class), per-class
 `negative_prompts` and the taxonomy's `negative_templates`; docs/taxonomies.md
 has the full format.
+
+`routes` (optional) is an ordered list of moderation-triage rules
+(pipeline/routing.py); they are parsed, and checked against the class names,
+whenever a taxonomy is validated, so a file, a taxonomies-topic document and
+a hot-reloaded edit are all refused the same way.
 """
 
 from __future__ import annotations
@@ -27,9 +32,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import TaxonomyError
+from pipeline.routing import RULE_KEYS, RouteTable, parse_routes
 
 BUILTIN_IMAGENET = "imagenet1k"
 _DATA_DIR = Path(__file__).parent / "data"
@@ -39,6 +54,8 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_NEGATIVE_TEMPLATES = ("a photo of something that is not a {}.",)
 
 Mode = Literal["single_label", "multi_label"]
+# "" is a routing rule itself; the rest are its fields.
+_ROUTE_KEYS = ("", *sorted(RULE_KEYS))
 
 
 class FieldProblem(ValueError):
@@ -84,6 +101,15 @@ class Taxonomy(BaseModel):
     # multi_label only: the threshold of classes that set none.
     threshold: float | None = Field(None, ge=0.0, le=1.0)
     negative_templates: tuple[str, ...] = Field(DEFAULT_NEGATIVE_TEMPLATES, min_length=1)
+    # Routing rules as written (name, topic, when, headers, priority); parsed into `route_table`.
+    routes: tuple[dict[str, Any], ...] = ()
+    _route_table: RouteTable = PrivateAttr(default_factory=RouteTable)
+
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _no_routes(cls, value: Any) -> Any:
+        # `routes:` with nothing under it is YAML null: no rules, not an error.
+        return () if value is None else value
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -122,6 +148,20 @@ class Taxonomy(BaseModel):
                 if getattr(item, field):
                     raise FieldProblem(("classes", index, field), "only applies when mode is multi_label")
         return self
+
+    @model_validator(mode="after")
+    def _parse_routes(self, info: ValidationInfo) -> Taxonomy:
+        # Raises TaxonomyError (not ValueError), which pydantic lets through
+        # untouched: its message already names the file, rule, line and column.
+        context = info.context or {}
+        self._route_table = parse_routes(
+            list(self.routes), self.class_names, context.get("source", "<taxonomy>"), context.get("route_lines")
+        )
+        return self
+
+    @property
+    def route_table(self) -> RouteTable:
+        return self._route_table
 
     @property
     def class_names(self) -> list[str]:
@@ -165,9 +205,15 @@ class Taxonomy(BaseModel):
 
         Normalising through the model (sorted keys, shorthand expanded) means
         cosmetic YAML edits such as comments or key order keep the version.
+
+        Routes are part of it: a route edit changes what is published for the
+        same image, so it must change the version that keys the dedupe cache
+        (and makes hot reload swap the classifier in). Without routes the key
+        is left out, so taxonomies that have none keep their earlier versions.
         """
+        document = self.model_dump(mode="json", exclude=None if self.routes else {"routes"})
         canonical = json.dumps(
-            {"taxonomy": self.model_dump(mode="json"), "model": model_identity},
+            {"taxonomy": document, "model": model_identity},
             sort_keys=True,
             separators=(",", ":"),
         )
@@ -197,10 +243,22 @@ def parse_taxonomy(text: str, source: str = "<taxonomy>") -> Taxonomy:
         raise TaxonomyError(f"taxonomy file {source}: not valid YAML: {exc}") from exc
     if not isinstance(document, dict):
         raise TaxonomyError(f"taxonomy file {source}: top level must be a mapping with name, templates, classes")
+    context = {"source": source, "route_lines": _route_lines(document, node)}
     try:
-        return Taxonomy.model_validate(document)
+        return Taxonomy.model_validate(document, context=context)
     except ValidationError as exc:
         raise TaxonomyError(f"taxonomy file {source}: {_describe(exc, node)}") from exc
+
+
+def _route_lines(document: dict[str, Any], node: yaml.Node | None) -> dict[int, dict[str, int | None]]:
+    """Per rule (1-based), the line of the rule ("") and of each of its fields, for routing's messages."""
+    rules = document.get("routes")
+    if not isinstance(rules, list):
+        return {}
+    return {
+        index + 1: {key: _line_of(node, ("routes", index, key) if key else ("routes", index)) for key in _ROUTE_KEYS}
+        for index in range(len(rules))
+    }
 
 
 def _describe(exc: ValidationError, node: yaml.Node | None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +41,17 @@ class _WatchedFile:
 
 class TaxonomyReloader:
     def __init__(
-        self, model: LoadedModel, registry: ClassifierRegistry, cache: ClassifierCache, settings: TaxonomySettings
+        self,
+        model: LoadedModel,
+        registry: ClassifierRegistry,
+        cache: ClassifierCache,
+        settings: TaxonomySettings,
+        admit: Callable[[Taxonomy], None] | None = None,
     ) -> None:
         self.model = model
+        # Checks a new version against the world outside the file before it goes live
+        # (its route topics exist); raises LabelstreamError to reject it.
+        self.admit = admit
         self.registry = registry
         self.cache = cache
         self.settings = settings
@@ -171,6 +180,12 @@ class TaxonomyReloader:
             self._origins.setdefault(taxonomy.name, origin)
             metrics.TAXONOMY_UPDATES.labels(origin=kind, outcome="unchanged").inc()
             return True
+        try:
+            if self.admit is not None:
+                self.admit(taxonomy)
+        except LabelstreamError as exc:
+            self._reject(exc, origin, kind, taxonomy.name)
+            return False
         try:
             classifier = load_or_build(self.model, taxonomy, self.cache)
         except Exception as exc:  # noqa: BLE001 - a failed build must not take the old version down

@@ -65,3 +65,6 @@ class LabelRecord(BaseModel):
     # True when a byte-identical image was labelled before and this record
     # reuses its embedding (decode and model skipped; see pipeline/dedupe.py).
     cache_hit: bool = False
+    # The routing rule that sent this record to a route topic (schemas/routes.py);
+    # None when the taxonomy has no routes or none of them matched.
+    route: str | None = None

@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Issue 5's rows plus issue 7's prompt-iteration row; a row dropped from ROWS must fail here, not vanish.
 EXPECTED_ROWS = (
     "e2e_vs_offline", "pipelined_vs_naive", "fast_vs_exact_preprocess", "dedupe", "memory", "latency",
-    "eval_prompt_iteration",
+    "eval_prompt_iteration", "http_latency",
 )
 
 
