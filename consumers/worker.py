@@ -26,6 +26,7 @@ from consumers.circuit_breaker import CircuitOpenError, DeadLetterGate
 from consumers.intake import parse_requests
 from consumers.stage_waits import StageWaits
 from consumers.offsets import OffsetTracker
+from consumers.publish_retry import PublishRetry
 from consumers.publisher import OutputPublisher
 from consumers.records import Outcome, WorkItem
 from consumers.sinks import Sinks
@@ -36,7 +37,7 @@ from pipeline.errors import LabelstreamError, PublishError
 from pipeline.fetch import ImageFetcher
 from pipeline.inference import ImageJob, InferenceEngine, JobResult, unexpected
 from pipeline.labeler import Labeler
-from pipeline.retry import RetryOutcome, backoff_seconds, call_with_retries
+from pipeline.retry import RetryOutcome, call_with_retries
 
 log = structlog.get_logger("labelstream.worker")
 
@@ -92,9 +93,7 @@ class Worker:
         self._paused = False
         self._last_commit = 0.0
         self._unpublished: list[Outcome] = []
-        self._publish_failing_since: float | None = None
-        self._publish_attempts = 0
-        self._next_publish_at = 0.0
+        self._publish_retry = PublishRetry(settings.retry)
         # Inputs admitted whose outcome the poll thread has not collected yet.
         self._outstanding = 0
         # Set where raising is not possible (inside a rebalance callback); raised by the poll loop.
@@ -281,7 +280,7 @@ class Worker:
         # A commit that failed (rebalance, broker away) is retried even with no new outcomes:
         # otherwise a paused worker would wait forever for outcomes that only the commit unblocks.
         pending = self._unpublished or force or self.tracker.committable()
-        if not pending or time.monotonic() < self._next_publish_at or self._fatal:
+        if not pending or not self._publish_retry.due() or self._fatal:
             return
         outcomes, self._unpublished = self._unpublished, []
         started = time.perf_counter()
@@ -290,14 +289,14 @@ class Worker:
                 self.checkpoint.commit(outcomes, in_rebalance=in_rebalance, roll=roll)
         except PublishError as exc:
             self._unpublished = outcomes + self._unpublished
-            self._publish_failed(exc)
+            self._fatal = self._publish_retry.failed(exc, waiting=len(self._unpublished))
             return
         except Exception as exc:  # noqa: BLE001 - a bug here must stop the worker, not strand outcomes
             self._unpublished = outcomes + self._unpublished
             self._fatal = PublishError(f"checkpoint failed: {type(exc).__name__}: {exc}", retryable=False)
             log.exception("checkpoint_failed")
             return
-        self._publish_failing_since, self._publish_attempts = None, 0
+        self._publish_retry.succeeded()
         metrics.IN_FLIGHT.set(self.tracker.in_flight_count())
         self._observe_published(outcomes, time.perf_counter() - started)
 
@@ -306,19 +305,6 @@ class Worker:
             metrics.observe_stage("publish", seconds)
             metrics.observe_end_to_end(outcome.item.timestamp_ms)
         self.waits.completed(len(outcomes))
-
-    def _publish_failed(self, exc: PublishError) -> None:
-        now = time.monotonic()
-        self._publish_failing_since = self._publish_failing_since or now
-        self._publish_attempts += 1
-        budget = self.settings.retry.publish_budget_s
-        if not exc.retryable or now - self._publish_failing_since > budget:
-            self._fatal = PublishError(f"outputs could not be published (budget {budget:.0f}s): {exc.message}")
-            return
-        delay = backoff_seconds(self._publish_attempts, self.settings.retry)
-        self._next_publish_at = now + delay
-        log.warning("publish_retry", error=str(exc), attempt=self._publish_attempts, backoff_s=round(delay, 3),
-                    waiting=len(self._unpublished))
 
     def _take_done(self) -> list[Outcome]:
         outcomes = []

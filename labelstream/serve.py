@@ -15,24 +15,18 @@ import structlog
 
 from api.app import ApiContext, create_app
 from api.server import ApiServer
-from labelstream.logs import configure_logging
-from pipeline.config import Settings, load_settings
+from labelstream.service_start import started_service
+from pipeline.config import Settings
 from pipeline.fetch import ImageFetcher
 from pipeline.health import HealthState
 from pipeline.inference import InferenceEngine
 from pipeline.labeler import Labeler, build_labeler
-from pipeline.metrics_server import start_ops_server
 
 log = structlog.get_logger("labelstream.serve")
 
 
 def run_serve(config_file: Path | None) -> int:
-    settings = load_settings(config_file)
-    configure_logging(settings.log)
-    log.info("starting", settings=settings.model_dump(mode="json"))
-    health = HealthState.from_settings(settings.health)
-    ops = start_ops_server(settings.metrics, health)
-    try:
+    with started_service(config_file, "labelstream.serve") as (settings, health):
         labeler = build_labeler(settings)
         health.model_loaded()
         health.classifiers_built()
@@ -48,9 +42,6 @@ def run_serve(config_file: Path | None) -> int:
         finally:
             health.stopping()
             engine.stop()
-    finally:
-        if ops is not None:
-            ops.stop()
     log.info("stopped", exit_code=0)
     return 0
 

@@ -24,15 +24,14 @@ from consumers.kafka_clients import build_consumer, build_producer, build_transa
 from consumers.publisher import OutputPublisher, require_route_topics
 from consumers.sinks import build_sinks
 from consumers.worker import Worker
-from labelstream.logs import configure_logging
+from labelstream.service_start import started_service
 from labelstream.serve import api_server
-from pipeline.config import Settings, load_settings
+from pipeline.config import Settings
 from pipeline.errors import PublishError
 from pipeline.fetch import ImageFetcher
 from pipeline.health import HealthState
 from pipeline.inference import InferenceEngine
 from pipeline.labeler import Labeler, build_labeler
-from pipeline.metrics_server import start_ops_server
 
 log = structlog.get_logger("labelstream.run")
 
@@ -44,17 +43,8 @@ EXIT_PUBLISH_FAILED = 4
 
 def run_worker(config_file: Path | None, http: bool = False) -> int:
     """The worker; with `http`, the HTTP API too, in this process, sharing its model and batches."""
-    settings = load_settings(config_file)
-    configure_logging(settings.log)
-    log.info("starting", settings=settings.model_dump(mode="json"))
-    # The ops server comes first, so /healthz answers and /readyz says "not ready" while the model loads.
-    health = HealthState.from_settings(settings.health)
-    ops = start_ops_server(settings.metrics, health)
-    try:
+    with started_service(config_file, "labelstream.run") as (settings, health):
         return _run_with_ops(settings, health, http)
-    finally:
-        if ops is not None:
-            ops.stop()
 
 
 def _run_with_ops(settings: Settings, health: HealthState, http: bool = False) -> int:

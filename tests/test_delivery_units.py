@@ -20,10 +20,11 @@ from worker_process import OutputCollector
 
 from consumers.circuit_breaker import DeadLetterGate
 from consumers.offsets import OffsetTracker, Ticket
+from consumers.publish_retry import PublishRetry
 from consumers.publisher import VALUE_OMITTED_HEADER, OutputPublisher
 from consumers.records import Outcome, WorkItem
 from pipeline.config import DeadLetterSettings, RetrySettings, TopicSettings
-from pipeline.errors import FetchError, ImageError, LabelstreamError, RequestError
+from pipeline.errors import FetchError, ImageError, LabelstreamError, PublishError, RequestError
 from pipeline.labeler import ImageLabels
 from pipeline.retry import RetryOutcome, backoff_seconds, call_with_retries
 from schemas.deadletter import HEADER_PREFIX, DeadLetterHeaders
@@ -344,3 +345,27 @@ def test_a_dead_letter_too_big_to_resend_goes_out_without_its_value(
     assert (record.key, record.value) == (b"big", b"")
     assert dict(record.headers)[VALUE_OMITTED_HEADER] == b"10000"
     assert DeadLetterHeaders.from_kafka_headers(list(record.headers)).error_code == "request.too_large"
+
+
+# -- publish retries ----------------------------------------------------------------------------
+
+
+def test_publish_retry_backs_off_then_gives_up_after_the_budget_and_resets_on_success() -> None:
+    retry = PublishRetry(retry_settings(initial_backoff_ms=50, max_backoff_ms=50, publish_budget_s=0.3))
+    broker_away = PublishError("broker unreachable", retryable=True)
+    assert retry.due()
+    assert retry.failed(broker_away, waiting=3) is None
+    # Full jitter: the wait is anywhere up to the 50 ms cap, never longer.
+    time.sleep(0.06)
+    assert retry.due()
+    retry.succeeded()
+    assert retry.failed(broker_away, waiting=3) is None, "success starts a fresh budget"
+    time.sleep(0.35)
+    fatal = retry.failed(broker_away, waiting=3)
+    assert fatal is not None and "budget" in fatal.message
+
+
+def test_publish_retry_gives_up_at_once_on_an_error_no_retry_can_fix() -> None:
+    retry = PublishRetry(retry_settings(publish_budget_s=60))
+    fatal = retry.failed(PublishError("fenced", retryable=False), waiting=1)
+    assert fatal is not None and "fenced" in fatal.message
