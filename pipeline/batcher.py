@@ -89,10 +89,14 @@ class LaneBatcher(Generic[T]):
         capacity: dict[Lane, int] | None = None,
         more_coming: Callable[[], bool] | None = None,
         discard: Callable[[T], bool] | None = None,
+        interactive_max_size: int | None = None,
     ) -> None:
         self.max_size = max_size
         self.max_wait_s = max_wait_ms / 1000.0
-        self.interactive_quota = max(1, math.ceil(interactive_share * max_size))
+        self.interactive_share = interactive_share
+        # A batch holding interactive items is cut to this size: on a CPU the model call grows
+        # with the batch, and an HTTP caller should not wait for 31 stream images to be encoded.
+        self.interactive_max_size = min(interactive_max_size or max_size, max_size)
         self._capacity = capacity or {}
         self._more_coming = more_coming
         self._discard = discard
@@ -141,7 +145,7 @@ class LaneBatcher(Generic[T]):
         return batch
 
     def _fill(self, deadline: float) -> None:
-        while self._waiting() < self.max_size:
+        while self._waiting() < self._batch_size():
             if self._more_coming is not None and not self._more_coming():
                 return
             remaining = deadline - time.monotonic()
@@ -152,13 +156,19 @@ class LaneBatcher(Generic[T]):
 
     def _take(self) -> list[T]:
         interactive, stream = self._lanes["interactive"], self._lanes["stream"]
-        from_interactive = min(len(interactive), max(self.interactive_quota, self.max_size - len(stream)))
-        from_stream = min(len(stream), self.max_size - from_interactive)
+        size = self._batch_size()
+        # The share is of this batch's size, so a capped batch still leaves the stream its slots.
+        quota = max(1, math.ceil(self.interactive_share * size))
+        from_interactive = min(len(interactive), max(quota, size - len(stream)))
+        from_stream = min(len(stream), size - from_interactive)
         taken = [interactive.popleft() for _ in range(from_interactive)]
         taken += [stream.popleft() for _ in range(from_stream)]
         if self._discard is None:
             return taken
         return [item for item in taken if not self._discard(item)]
+
+    def _batch_size(self) -> int:
+        return self.interactive_max_size if self._lanes["interactive"] else self.max_size
 
     def _waiting(self) -> int:
         return len(self._lanes["interactive"]) + len(self._lanes["stream"])

@@ -244,6 +244,10 @@ class HttpSettings(_Section):
     max_queue: int = Field(256, gt=0)
     # Slots of each batch HTTP items may take when they are waiting; Kafka items fill the rest.
     batch_share: float = Field(0.5, gt=0, le=1.0)
+    # A batch that carries HTTP items is cut to this many items (unset: batch.max_size). On a CPU
+    # the model call grows with the batch, so a small value keeps interactive latency low under
+    # a stream backlog at some cost in stream throughput; on a GPU leave it unset.
+    interactive_batch_size: int | None = Field(None, gt=0)
     # Inline label sets built into classifiers, kept by content hash (least recently used goes first).
     classifier_cache_entries: int = Field(32, gt=0)
     # Extra names the served model answers to in `model`.

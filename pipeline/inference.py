@@ -105,6 +105,7 @@ class InferenceEngine:
             capacity={"interactive": settings.http.max_queue, "stream": settings.worker.max_in_flight},
             more_coming=self._more_coming,
             discard=self._discard,
+            interactive_max_size=settings.http.interactive_batch_size,
         )
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None

@@ -55,6 +55,18 @@ def test_a_lane_fills_the_slots_the_other_leaves_empty(stop: threading.Event) ->
     assert _kinds(only_http.next_batch(stop)) == (8, 0)
 
 
+def test_a_batch_with_interactive_items_is_cut_to_the_interactive_size(stop: threading.Event) -> None:
+    capped = _filled(LaneBatcher(max_size=32, max_wait_ms=0, interactive_share=0.5, interactive_max_size=4),
+                     interactive=1, stream=40)
+    assert _kinds(capped.next_batch(stop)) == (1, 3)
+    assert _kinds(capped.next_batch(stop)) == (0, 32), "with no HTTP item waiting, the batch is full size again"
+    many_http = _filled(LaneBatcher(max_size=32, max_wait_ms=0, interactive_share=0.25, interactive_max_size=4),
+                        interactive=10, stream=40)
+    assert _kinds(many_http.next_batch(stop)) == (1, 3), "the share still applies within the smaller batch"
+    only_http = _filled(LaneBatcher(max_size=32, max_wait_ms=0, interactive_max_size=4), interactive=10, stream=0)
+    assert _kinds(only_http.next_batch(stop)) == (4, 0)
+
+
 def test_lanes_keep_their_order_and_lose_nothing(stop: threading.Event) -> None:
     batcher = _filled(LaneBatcher(max_size=4, max_wait_ms=0, interactive_share=0.5), interactive=5, stream=7)
     seen: list[str] = []
