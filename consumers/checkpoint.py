@@ -74,9 +74,6 @@ class Checkpoint:
         self._commit_failures = 0
         self._last_failure_logged = 0.0
         self._sinks = sinks or Sinks()
-        # What was last committed per partition, capped by the manifest: the tracker keeps
-        # offering the uncapped position, which must not turn into a commit every interval.
-        self._committed: dict[TopicPartition, int] = {}
 
     def commit(self, outcomes: list[Outcome], in_rebalance: bool = False, roll: Collection[TopicPartition] = ()) -> int:
         """Publish, confirm, commit. Returns how many outcomes were published.
@@ -98,8 +95,6 @@ class Checkpoint:
     def forget(self, partitions: list[TopicPartition]) -> None:
         """The partitions were revoked or lost: their buffered manifest rows are the new owner's to redo."""
         self._sinks.forget(partitions)
-        for tp in partitions:
-            self._committed.pop(tp, None)
 
     def buffered_rows(self) -> int:
         """Manifest rows not yet in a written file (their offsets are not committed)."""
@@ -113,7 +108,9 @@ class Checkpoint:
         # A blocking consumer call raises inside a rebalance callback.
         committed = None if in_rebalance else self._committed_offset
         capped = self._sinks.stage(outcomes, offsets, roll, committed)
-        return {tp: offset for tp, offset in capped.items() if self._committed.get(tp) != offset}
+        # The tracker keeps offering the uncapped position; the capped one, once
+        # committed, must not turn into a commit every interval.
+        return {tp: offset for tp, offset in capped.items() if self._tracker.committed(tp) != offset}
 
     def _committed_offset(self, tp: TopicPartition) -> int | None:
         """The group's committed offset of `tp`, bounded in time: the poll thread must come back."""
@@ -159,7 +156,6 @@ class Checkpoint:
             return
         self._commit_failures = 0
         self._tracker.mark_committed(offsets)
-        self._committed.update(offsets)
 
     def _commit_failed(self, event: str, exc: KafkaError) -> None:
         # Retried at every checkpoint (a rebalance on Tansu takes seconds): log a streak, not each try.
@@ -208,7 +204,6 @@ class Checkpoint:
         for ticket in tickets:
             self._tracker.finish(ticket)
         self._tracker.mark_committed(offsets)
-        self._committed.update(offsets)
 
     def _commit_offsets_only(self, offsets: dict[TopicPartition, int], in_rebalance: bool) -> None:
         """Offsets that advanced with no new output: the manifest wrote the rows of inputs whose records

@@ -131,6 +131,11 @@ class OffsetTracker:
             if tp in self._partitions:
                 self._partitions[tp].committed = offset
 
+    def committed(self, tp: TopicPartition) -> int | None:
+        """The offset this worker last committed for `tp` in its current assignment."""
+        state = self._partitions.get(tp)
+        return state.committed if state is not None else None
+
     def in_flight_count(self) -> int:
         """Inputs read whose outputs are not acknowledged yet."""
         return sum(len(s.in_flight) for s in self._partitions.values())
