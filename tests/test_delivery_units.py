@@ -289,28 +289,33 @@ def test_dead_letter_headers_round_trip_through_kafka_headers() -> None:
     assert DeadLetterHeaders.from_kafka_headers(anonymous.to_kafka_headers()) == anonymous
 
 
-@pytest.mark.timeout(60)
-def test_a_published_dead_letter_keeps_the_original_record_and_says_why(
-    broker: Any, new_topic: Callable[..., str]
-) -> None:
-    dlq = new_topic(1)
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+def dead_letter_as_published(bootstrap: str, dlq: str, failed: Outcome, **producer_options: Any) -> Any:
+    """Publish one failed outcome through the real publisher and read back the one record it wrote."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", **producer_options)
     publisher = OutputPublisher(producer, TopicSettings(dlq=dlq), ModelRef(name="m", pretrained=None), 10.0, "grp")
-    item = WorkItem(ticket=Ticket(TP0, 7, 1), topic="requests", partition=0, offset=7, key=b"\x00key",
-                    value=b"\xff not utf-8", timestamp_ms=123, headers=[("traceparent", b"00-abc")], log=_LOG)
-    failed = Outcome(item, error=RequestError("not UTF-8", code="request.not_utf8", stage="parse"), attempts=1)
     try:
         publisher.publish(failed)
         publisher.wait_for_acks()
     finally:
         producer.close(timeout=10)
-
-    reader = OutputCollector(broker.bootstrap, dlq)
+    reader = OutputCollector(bootstrap, dlq)
     try:
         assert reader.read_until(lambda records: len(records) >= 1, 20)
     finally:
         reader.close()
     (record,) = reader.records
+    return record
+
+
+@pytest.mark.timeout(60)
+def test_a_published_dead_letter_keeps_the_original_record_and_says_why(
+    broker: Any, new_topic: Callable[..., str]
+) -> None:
+    dlq = new_topic(1)
+    item = WorkItem(ticket=Ticket(TP0, 7, 1), topic="requests", partition=0, offset=7, key=b"\x00key",
+                    value=b"\xff not utf-8", timestamp_ms=123, headers=[("traceparent", b"00-abc")], log=_LOG)
+    failed = Outcome(item, error=RequestError("not UTF-8", code="request.not_utf8", stage="parse"), attempts=1)
+    record = dead_letter_as_published(broker.bootstrap, dlq, failed)
     assert (record.key, record.value) == (b"\x00key", b"\xff not utf-8")
     assert list(record.headers)[0] == ("traceparent", b"00-abc")
     parsed = DeadLetterHeaders.from_kafka_headers(list(record.headers))
@@ -326,22 +331,10 @@ def test_a_dead_letter_too_big_to_resend_goes_out_without_its_value(
     broker: Any, new_topic: Callable[..., str]
 ) -> None:
     dlq = new_topic(1)
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", max_request_size=4000)
-    publisher = OutputPublisher(producer, TopicSettings(dlq=dlq), ModelRef(name="m", pretrained=None), 10.0, "grp")
     item = WorkItem(ticket=Ticket(TP0, 3, 1), topic="requests", partition=0, offset=3, key=b"big",
                     value=b"x" * 10_000, timestamp_ms=1, headers=[], log=_LOG)
-    try:
-        publisher.publish(Outcome(item, error=RequestError("too big", code="request.too_large", stage="parse")))
-        publisher.wait_for_acks()
-    finally:
-        producer.close(timeout=10)
-
-    reader = OutputCollector(broker.bootstrap, dlq)
-    try:
-        assert reader.read_until(lambda records: len(records) >= 1, 20)
-    finally:
-        reader.close()
-    (record,) = reader.records
+    failed = Outcome(item, error=RequestError("too big", code="request.too_large", stage="parse"))
+    record = dead_letter_as_published(broker.bootstrap, dlq, failed, max_request_size=4000)
     assert (record.key, record.value) == (b"big", b"")
     assert dict(record.headers)[VALUE_OMITTED_HEADER] == b"10000"
     assert DeadLetterHeaders.from_kafka_headers(list(record.headers)).error_code == "request.too_large"

@@ -598,6 +598,12 @@ def test_sigkill_mid_stream_exactly_once_read_committed_sees_each_id_once(
         )
 
 
+def inline_stream(sample_photos: list[Path], requests: int, partitions: int) -> Stream:
+    """Base64 images only (no S3), with a poison message every BAD_EVERY."""
+    images = [small_jpeg_base64(p) for p in sample_photos[:8]]
+    return mixed_stream(requests, partitions, images, BAD_EVERY, "unused-bucket", [])
+
+
 def crash_stream(s3_client: Any, bucket: str, sample_photos: list[Path]) -> Stream:
     keys = upload_small_photos(s3_client, bucket, sample_photos[:4])
     images = [small_jpeg_base64(p) for p in sample_photos[:8]]
@@ -683,8 +689,7 @@ def test_broker_frozen_for_20s_mid_stream_workers_recover_and_lose_nothing(
     pipeline: Callable[..., Pipeline], broker: Any, sample_photos: list[Path],
 ) -> None:
     system = pipeline(4)
-    images = [small_jpeg_base64(p) for p in sample_photos[:8]]
-    stream = mixed_stream(OUTAGE_REQUESTS, 4, images, BAD_EVERY, "unused-bucket", [])
+    stream = inline_stream(sample_photos, OUTAGE_REQUESTS, 4)
     workers = [system.start("a"), system.start("b")]
     collector = system.outputs()
     producer = PacedProducer(system.bootstrap, system.requests, stream.messages, 15.0).start()
@@ -820,8 +825,7 @@ def test_sigterm_mid_stream_drains_commits_what_it_published_and_exits_0(
     pipeline: Callable[..., Pipeline], sample_photos: list[Path],
 ) -> None:
     system = pipeline(2)
-    images = [small_jpeg_base64(p) for p in sample_photos[:8]]
-    stream = mixed_stream(STOP_REQUESTS, 2, images, BAD_EVERY, "unused-bucket", [])
+    stream = inline_stream(sample_photos, STOP_REQUESTS, 2)
     produced = produce(system.bootstrap, system.requests, stream.messages)
     worker = system.start("graceful")
     collector = system.outputs()
@@ -912,8 +916,7 @@ def test_member_joins_then_first_leaves_mid_stream_nothing_lost_and_commits_only
     pipeline: Callable[..., Pipeline], sample_photos: list[Path],
 ) -> None:
     system = pipeline(4)
-    images = [small_jpeg_base64(p) for p in sample_photos[:8]]
-    stream = mixed_stream(REBALANCE_REQUESTS, 4, images, BAD_EVERY, "unused-bucket", [])
+    stream = inline_stream(sample_photos, REBALANCE_REQUESTS, 4)
     first = system.start("first")
     collector = system.outputs()
     auditor = CommitAuditor(system)
