@@ -48,6 +48,19 @@ def build_consumer(settings: KafkaSettings, read_committed: bool = False) -> Kaf
     )
 
 
+def build_reader(settings: KafkaSettings, purpose: str, **overrides: Any) -> KafkaConsumer:
+    """A plain reader (group_id=None): it joins no group and commits nothing. `purpose` names it to the broker."""
+    return KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers.split(","),
+        group_id=None,
+        client_id=f"{settings.client_id}-{purpose}",
+        enable_auto_commit=False,
+        request_timeout_ms=settings.request_timeout_ms,
+        **security_options(settings),
+        **overrides,
+    )
+
+
 def build_transactional_producer(settings: KafkaSettings, transactional_id: str) -> KafkaProducer:
     return build_producer(
         settings,

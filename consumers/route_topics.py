@@ -14,7 +14,7 @@ import threading
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
-from consumers.kafka_clients import security_options
+from consumers.kafka_clients import build_reader
 from consumers.publisher import missing_route_topics
 from pipeline.config import KafkaSettings
 from pipeline.errors import TaxonomyError
@@ -42,12 +42,7 @@ class RouteTopicCheck:
     def _existing_topics(self) -> set[str]:
         try:
             if self._consumer is None:
-                self._consumer = KafkaConsumer(
-                    bootstrap_servers=self._settings.bootstrap_servers.split(","),
-                    client_id=f"{self._settings.client_id}-route-topics",
-                    request_timeout_ms=self._settings.request_timeout_ms,
-                    **security_options(self._settings),
-                )
+                self._consumer = build_reader(self._settings, "route-topics")
             return set(self._consumer.topics())
         except KafkaError as exc:
             raise TaxonomyError(f"could not list topics to check the route topics: {exc}",

@@ -18,7 +18,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
-from consumers.kafka_clients import security_options
+from consumers.kafka_clients import build_reader
 from pipeline.classifier_cache import ClassifierCache
 from pipeline.config import KafkaSettings, Settings
 from pipeline.labeler import Labeler
@@ -31,15 +31,7 @@ _POLL_TIMEOUT_MS = 500
 
 
 def build_feed_consumer(settings: KafkaSettings) -> KafkaConsumer:
-    return KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers.split(","),
-        group_id=None,
-        client_id=f"{settings.client_id}-taxonomies",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        request_timeout_ms=settings.request_timeout_ms,
-        **security_options(settings),
-    )
+    return build_reader(settings, "taxonomies", auto_offset_reset="earliest")
 
 
 class TaxonomyFeed:

@@ -101,13 +101,9 @@ def read_recent(kafka: KafkaSettings, topic: str, since_ms: int, max_records: in
 
 
 def _reader(kafka: KafkaSettings) -> KafkaConsumer:
-    from consumers.kafka_clients import security_options
+    from consumers.kafka_clients import build_reader
 
-    # group_id=None: a plain reader that joins no group and commits nothing.
-    return KafkaConsumer(
-        bootstrap_servers=kafka.bootstrap_servers.split(","), group_id=None, client_id=f"{kafka.client_id}-gallery",
-        enable_auto_commit=False, request_timeout_ms=kafka.request_timeout_ms, **security_options(kafka),
-    )
+    return build_reader(kafka, "gallery")
 
 
 def _start_at(consumer: KafkaConsumer, topic: str, since_ms: int) -> list[TopicPartition]:
